@@ -1,0 +1,1 @@
+"""Agent backends: which CLI runs in the sandbox and how its output is read."""

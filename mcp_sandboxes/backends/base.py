@@ -1,0 +1,96 @@
+"""The contracts every agent backend implements.
+
+A Backend builds the argv for a turn (first or resumed) and prepares the sandbox; its
+Translator turns the CLI's machine-readable stdout into normalized events. Backends know
+their CLI and nothing about where it runs.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, runtime_checkable
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from mcp_sandboxes.events import Event, StopReasonType, Usage
+from mcp_sandboxes.providers.base import Mount, Sandbox
+
+
+class AgentSpec(BaseModel):
+    """What the caller asked for when spawning an agent; fixed for the session's life."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    backend: str
+    model: str | None = None
+    system_prompt: str | None = None
+    allowed_tools: list[str] | None = None
+    permission_mode: str | None = None
+    max_turns: int | None = None
+    extra_args: list[str] = Field(default_factory=list)
+    mcp_servers: dict[str, Any] = Field(
+        default_factory=dict, description="MCP servers for the agent, in the `mcpServers` JSON shape."
+    )
+
+
+class Turn(BaseModel):
+    """One turn of a session: a prompt, and the CLI's own session id when resuming."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    session_id: str
+    index: int = Field(ge=0)
+    prompt: str
+    resume_id: str | None = None
+    agent: AgentSpec
+    workdir: str = "/workspace"
+    home: str = "/home/agent"
+
+
+class Command(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    argv: list[str]
+    env: dict[str, str] = Field(default_factory=dict)
+    stdin: bytes | None = None
+    cwd: str | None = None
+
+
+class TurnResult(BaseModel):
+    """What a translator concluded about a finished turn."""
+
+    stop_reason: StopReasonType = "end_turn"
+    final_text: str | None = None
+    usage: Usage = Field(default_factory=Usage)
+    native_session_id: str | None = Field(
+        default=None, description="The CLI's own session/thread id, used to resume the next turn."
+    )
+    error: str | None = None
+
+
+@runtime_checkable
+class Translator(Protocol):
+    """Stateful, one per turn. Never raises on bad input: a malformed line becomes an event."""
+
+    def feed(self, line: str) -> list[Event]: ...
+
+    def finish(self, exit_code: int, stderr_tail: str) -> list[Event]: ...
+
+    @property
+    def result(self) -> TurnResult: ...
+
+
+@runtime_checkable
+class Backend(Protocol):
+    name: str
+
+    def command(self, turn: Turn) -> Command: ...
+
+    def translator(self) -> Translator: ...
+
+    def mounts(self) -> list[Mount]:
+        """Host paths to mount into the sandbox (e.g. a CLI binary), read-only."""
+        ...
+
+    async def prepare(self, sandbox: Sandbox, agent: AgentSpec, *, home: str, user: str | None) -> None:
+        """Write config files the CLI needs before its first turn (idempotent)."""
+        ...

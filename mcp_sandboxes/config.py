@@ -1,0 +1,104 @@
+"""Settings: embedded defaults (default.toml), then an optional TOML file, then
+environment variables. Validated with pydantic so a typo fails at start-up, by name."""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from mcp_sandboxes.errors import InvalidInputError
+
+ENV_PREFIX = "MCP_SANDBOXES_"
+
+
+class ServerSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    data_dir: Path = Path("~/.local/share/mcp-sandboxes")
+    default_provider: str = "docker"
+    default_image: str = "mcp-sandboxes/base:latest"
+    max_wait_s: float = Field(default=600, gt=0)
+    sandbox_user: str | None = "agent"
+    sandbox_home: str = "/home/agent"
+
+
+class BackendSettings(BaseModel):
+    """Per-backend settings; the backend module reads what applies to it."""
+
+    model_config = ConfigDict(extra="allow")
+
+    cli_path: str = ""
+    pass_env: list[str] = Field(default_factory=list)
+    env: dict[str, str] = Field(default_factory=dict)
+
+
+class Settings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    server: ServerSettings = Field(default_factory=ServerSettings)
+    providers: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    backends: dict[str, BackendSettings] = Field(default_factory=dict)
+
+    @property
+    def database_path(self) -> Path:
+        return self.server.data_dir.expanduser() / "mcp-sandboxes.sqlite3"
+
+    def backend(self, name: str) -> BackendSettings:
+        return self.backends.get(name, BackendSettings())
+
+    def provider(self, name: str) -> dict[str, Any]:
+        return self.providers.get(name, {})
+
+
+def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
+    """MCP_SANDBOXES_DATA_DIR=... sets server.data_dir; MCP_SANDBOXES_BACKENDS__CLAUDE__CLI_PATH=...
+    sets backends.claude.cli_path (double underscore separates levels below the server table)."""
+    overrides: dict[str, Any] = {}
+    for key, value in environ.items():
+        if not key.startswith(ENV_PREFIX) or key == ENV_PREFIX + "CONFIG":
+            continue
+        path = key[len(ENV_PREFIX) :].lower().split("__")
+        if len(path) == 1:
+            path = ["server", path[0]]
+        node = overrides
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = value
+    return overrides
+
+
+def load_settings(config_file: str | Path | None = None, environ: dict[str, str] | None = None) -> Settings:
+    environ = dict(os.environ) if environ is None else environ
+    default_text = resources.files("mcp_sandboxes").joinpath("default.toml").read_text("utf-8")
+    data = tomllib.loads(default_text)
+    config_file = config_file or environ.get(ENV_PREFIX + "CONFIG")
+    if config_file:
+        path = Path(config_file).expanduser()
+        try:
+            data = _merge(data, tomllib.loads(path.read_text("utf-8")))
+        except FileNotFoundError:
+            raise InvalidInputError("--config", f"file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise InvalidInputError("--config", f"{path} is not valid TOML: {exc}") from exc
+    data = _merge(data, _env_overrides(environ))
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(part) for part in first["loc"])
+        raise InvalidInputError(field, f"{first['msg']} (check the config file or {ENV_PREFIX}* variables)") from exc

@@ -1,0 +1,1 @@
+"""Sandbox providers: where a sandbox runs. Each module speaks to one engine."""

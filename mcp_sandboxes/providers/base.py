@@ -1,0 +1,201 @@
+"""The contracts every sandbox provider implements.
+
+A Provider creates and destroys sandboxes; a Sandbox runs commands and moves files.
+Providers know their engine and nothing about agents.
+"""
+
+from __future__ import annotations
+
+import signal as _signal
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from typing import Literal, Protocol, runtime_checkable
+
+from pydantic import BaseModel, ConfigDict, Field
+
+# Every sandbox we create carries this label (or the engine's equivalent), so
+# `list_owned` finds orphans after a crash and never touches anything else.
+OWNER_LABEL = "io.mcp-sandboxes.managed"
+SANDBOX_NAME_LABEL = "io.mcp-sandboxes.name"
+
+DEFAULT_EXEC_TIMEOUT_S = 300.0
+DEFAULT_FILE_TIMEOUT_S = 60.0
+DEFAULT_CREATE_TIMEOUT_S = 120.0
+
+NetworkMode = Literal["none", "host"]
+
+
+class ResourceLimits(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    cpus: float | None = Field(default=None, gt=0, le=256, description="CPU cores, fractional allowed.")
+    memory_mb: int | None = Field(default=None, ge=16, le=1_048_576, description="Memory limit in MiB.")
+    pids: int | None = Field(default=None, ge=8, le=1_000_000, description="Maximum number of processes.")
+
+
+class Mount(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    source: str = Field(description="Absolute path on the host.")
+    target: str = Field(description="Absolute path inside the sandbox.")
+    read_only: bool = True
+
+
+class SandboxSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    image: str
+    name: str | None = None
+    env: dict[str, str] = Field(default_factory=dict)
+    workdir: str = "/workspace"
+    user: str | None = Field(default=None, description="User commands run as by default (name or uid).")
+    network: NetworkMode = "none"
+    limits: ResourceLimits = Field(default_factory=ResourceLimits)
+    mounts: list[Mount] = Field(default_factory=list)
+    labels: dict[str, str] = Field(default_factory=dict)
+
+
+class Availability(BaseModel):
+    provider: str
+    available: bool
+    reason: str | None = None
+    fix: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ExecResult:
+    exit_code: int
+    stdout: bytes
+    stderr: bytes
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0
+
+
+@dataclass(frozen=True, slots=True)
+class OutputChunk:
+    stream: Literal["stdout", "stderr"]
+    data: bytes
+
+
+@runtime_checkable
+class ExecStream(Protocol):
+    """A running process. Iterate it for output chunks, in the order they arrived."""
+
+    def __aiter__(self) -> AsyncIterator[OutputChunk]: ...
+
+    async def send_stdin(self, data: bytes) -> None: ...
+
+    async def close_stdin(self) -> None: ...
+
+    async def signal(self, signum: int = _signal.SIGTERM) -> None:
+        """Send a signal to the process (and its children where the engine allows)."""
+        ...
+
+    async def wait(self) -> int:
+        """Wait for the process to end and return its exit code (128+N when killed by signal N)."""
+        ...
+
+
+@runtime_checkable
+class Sandbox(Protocol):
+    id: str
+    provider: str
+
+    async def exec(
+        self,
+        argv: list[str],
+        *,
+        stdin: bytes | None = None,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        user: str | None = None,
+        timeout: float | None = DEFAULT_EXEC_TIMEOUT_S,
+    ) -> ExecResult: ...
+
+    def stream(
+        self,
+        argv: list[str],
+        *,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        user: str | None = None,
+    ) -> AbstractAsyncContextManager[ExecStream]:
+        """Start a process; leaving the context kills it if it is still running."""
+        ...
+
+    async def put_file(self, path: str, data: bytes, mode: int = 0o644, user: str | None = None) -> None: ...
+
+    async def get_file(self, path: str) -> bytes: ...
+
+
+@runtime_checkable
+class Provider(Protocol):
+    name: str
+
+    async def check(self) -> Availability: ...
+
+    async def create(self, spec: SandboxSpec) -> Sandbox:
+        """Create and start a sandbox. On failure nothing is left behind."""
+        ...
+
+    async def attach(self, sandbox_id: str) -> Sandbox | None:
+        """Reconnect to a sandbox after a restart; None when it no longer exists."""
+        ...
+
+    async def destroy(self, sandbox_id: str) -> None:
+        """Remove the sandbox. Destroying one that is already gone is not an error."""
+        ...
+
+    async def list_owned(self) -> list[str]: ...
+
+    async def aclose(self) -> None: ...
+
+
+class LineSplitter:
+    """Splits a byte stream into complete lines; keeps the unfinished tail for the next chunk."""
+
+    def __init__(self, max_line_bytes: int = 16 * 1024 * 1024) -> None:
+        self._buffer = bytearray()
+        self._max = max_line_bytes
+
+    def feed(self, data: bytes) -> list[str]:
+        self._buffer.extend(data)
+        lines: list[str] = []
+        while True:
+            index = self._buffer.find(b"\n")
+            if index < 0:
+                break
+            raw = bytes(self._buffer[:index])
+            del self._buffer[: index + 1]
+            lines.append(raw.decode("utf-8", errors="replace").rstrip("\r"))
+        if len(self._buffer) > self._max:
+            # A runaway line without a newline: hand it over rather than grow forever.
+            lines.append(self._buffer.decode("utf-8", errors="replace"))
+            self._buffer.clear()
+        return lines
+
+    def flush(self) -> list[str]:
+        if not self._buffer:
+            return []
+        tail = self._buffer.decode("utf-8", errors="replace").rstrip("\r")
+        self._buffer.clear()
+        return [tail]
+
+
+class TailBuffer:
+    """Keeps the last `limit` bytes written to it (for a failed turn's stderr)."""
+
+    def __init__(self, limit: int = 8192) -> None:
+        self._data = bytearray()
+        self._limit = limit
+
+    def write(self, data: bytes) -> None:
+        self._data.extend(data)
+        if len(self._data) > self._limit:
+            del self._data[: len(self._data) - self._limit]
+
+    def text(self) -> str:
+        return self._data.decode("utf-8", errors="replace")

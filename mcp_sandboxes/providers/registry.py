@@ -1,0 +1,41 @@
+"""Providers registered by name. Each is imported only when first used, so a missing
+optional dependency of one provider never breaks the others."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from typing import Any
+
+from mcp_sandboxes.errors import InvalidInputError
+from mcp_sandboxes.providers.base import Provider
+
+# name -> "module:factory". A factory takes the provider's settings dict and returns a Provider.
+_FACTORIES: dict[str, str] = {
+    "docker": "mcp_sandboxes.providers.docker:DockerProvider.from_settings",
+}
+
+
+def register(name: str, target: str) -> None:
+    _FACTORIES[name] = target
+
+
+def provider_names() -> list[str]:
+    return sorted(_FACTORIES)
+
+
+def _resolve(target: str) -> Callable[[dict[str, Any]], Provider]:
+    module_name, _, attr_path = target.partition(":")
+    obj: Any = importlib.import_module(module_name)
+    for part in attr_path.split("."):
+        obj = getattr(obj, part)
+    factory: Callable[[dict[str, Any]], Provider] = obj
+    return factory
+
+
+def build_provider(name: str, settings: dict[str, Any]) -> Provider:
+    if name not in _FACTORIES:
+        raise InvalidInputError(
+            "provider", f"unknown provider {name!r}; use one of: {', '.join(provider_names())}"
+        )
+    return _resolve(_FACTORIES[name])(settings)

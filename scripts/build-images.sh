@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Builds the local images the project and its tests use. No registry is reachable here, so the
+# root filesystem comes from debootstrap and is imported; later layers use apt over the host network.
+#   mcp-sandboxes/debian:bookworm   debootstrap minbase, imported
+#   mcp-sandboxes/base:latest       + agent user, /workspace, git, procps (configs/images/base)
+#   mcp-sandboxes/busybox:latest    static busybox only (fast provider tests)
+# Idempotent: an image that exists is kept unless FORCE=1.
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+cache="${MCP_SANDBOXES_CACHE:-$root/.cache}"
+mkdir -p "$cache"
+have() { [[ "${FORCE:-0}" != 1 ]] && docker image inspect "$1" >/dev/null 2>&1; }
+
+rootfs="$cache/rootfs-bookworm"
+if ! have mcp-sandboxes/debian:bookworm; then
+  if [[ ! -f "$rootfs/.complete" ]]; then
+    rm -rf "$rootfs"
+    debootstrap --variant=minbase bookworm "$rootfs" http://deb.debian.org/debian >"$cache/debootstrap.log" 2>&1 \
+      || { tail -n 20 "$cache/debootstrap.log" >&2; exit 1; }
+    touch "$rootfs/.complete"
+  fi
+  tar -C "$rootfs" --exclude=./.complete -c . | docker import - mcp-sandboxes/debian:bookworm >/dev/null
+  echo "imported mcp-sandboxes/debian:bookworm"
+fi
+
+if ! have mcp-sandboxes/base:latest; then
+  docker build --network host -q -t mcp-sandboxes/base:latest "$root/configs/images/base" >/dev/null
+  echo "built mcp-sandboxes/base:latest"
+fi
+
+if ! have mcp-sandboxes/busybox:latest; then
+  tmp="$(mktemp -d)"
+  mkdir -p "$tmp/bin" "$tmp/tmp" "$tmp/workspace" "$tmp/etc"
+  cp "$(command -v busybox)" "$tmp/bin/busybox"
+  for applet in $("$tmp/bin/busybox" --list); do ln -sf busybox "$tmp/bin/$applet"; done
+  echo 'root:x:0:0:root:/root:/bin/sh' >"$tmp/etc/passwd"
+  echo 'agent:x:1000:1000:agent:/workspace:/bin/sh' >>"$tmp/etc/passwd"
+  chmod 1777 "$tmp/tmp"
+  tar -C "$tmp" -c . | docker import -c 'ENV PATH=/bin' - mcp-sandboxes/busybox:latest >/dev/null
+  rm -rf "$tmp"
+  echo "imported mcp-sandboxes/busybox:latest"
+fi
+echo "images ok"

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Installs the system packages the project needs: a Docker engine (dockerd, containerd, runc, ctr),
+# debootstrap for the local Debian image, bubblewrap, podman and busybox. Idempotent.
+set -euo pipefail
+need=()
+for bin in dockerd:docker.io debootstrap:debootstrap bwrap:bubblewrap podman:podman busybox:busybox-static ip:iproute2; do
+  command -v "${bin%%:*}" >/dev/null 2>&1 || need+=("${bin##*:}")
+done
+if ((${#need[@]})); then
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+echo "system packages ok"

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Everything a fresh machine needs, idempotent: system packages, the Docker engine (started),
+# the Python environment, the pinned agent CLIs and the local images.
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$root"
+scripts/setup-system.sh
+scripts/start-dockerd.sh
+if [[ ! -x .venv/bin/python ]]; then python3 -m venv .venv; fi
+stamp=".venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)"
+if [[ ! -f "$stamp" ]]; then
+  .venv/bin/pip install -q -e ".[dev]" 2>&1 | grep -v '^WARNING: Location' || true
+  .venv/bin/python -c "import mcp_sandboxes" && touch "$stamp"
+fi
+scripts/install-agent-clis.sh
+scripts/build-images.sh
