@@ -35,7 +35,5 @@ def _resolve(target: str) -> Callable[[dict[str, Any]], Provider]:
 
 def build_provider(name: str, settings: dict[str, Any]) -> Provider:
     if name not in _FACTORIES:
-        raise InvalidInputError(
-            "provider", f"unknown provider {name!r}; use one of: {', '.join(provider_names())}"
-        )
+        raise InvalidInputError("provider", f"unknown provider {name!r}; use one of: {', '.join(provider_names())}")
     return _resolve(_FACTORIES[name])(settings)

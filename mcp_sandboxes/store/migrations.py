@@ -1,0 +1,58 @@
+"""Numbered schema migrations. Append only: never edit a migration that has shipped."""
+
+from __future__ import annotations
+
+MIGRATIONS: list[tuple[int, str]] = [
+    (
+        1,
+        """
+        CREATE TABLE environments (
+            id TEXT PRIMARY KEY,
+            name TEXT NOT NULL UNIQUE,
+            provider TEXT NOT NULL,
+            spec_json TEXT NOT NULL,
+            setup_commands_json TEXT NOT NULL,
+            created_at TEXT NOT NULL
+        );
+        CREATE TABLE sessions (
+            id TEXT PRIMARY KEY,
+            environment_id TEXT NOT NULL REFERENCES environments(id),
+            parent_session_id TEXT REFERENCES sessions(id),
+            backend TEXT NOT NULL,
+            agent_json TEXT NOT NULL,
+            status TEXT NOT NULL,
+            sandbox_id TEXT,
+            native_session_id TEXT,
+            stop_reason TEXT,
+            last_error TEXT,
+            usage_json TEXT NOT NULL,
+            created_at TEXT NOT NULL,
+            updated_at TEXT NOT NULL
+        );
+        CREATE INDEX sessions_by_status ON sessions(status);
+        CREATE INDEX sessions_by_environment ON sessions(environment_id);
+        CREATE TABLE turns (
+            session_id TEXT NOT NULL REFERENCES sessions(id) ON DELETE CASCADE,
+            idx INTEGER NOT NULL,
+            prompt TEXT NOT NULL,
+            status TEXT NOT NULL,
+            stop_reason TEXT,
+            final_text TEXT,
+            error TEXT,
+            usage_json TEXT,
+            created_at TEXT NOT NULL,
+            started_at TEXT,
+            ended_at TEXT,
+            PRIMARY KEY (session_id, idx)
+        );
+        CREATE TABLE events (
+            session_id TEXT NOT NULL REFERENCES sessions(id) ON DELETE CASCADE,
+            seq INTEGER NOT NULL,
+            type TEXT NOT NULL,
+            data_json TEXT NOT NULL,
+            created_at TEXT NOT NULL,
+            PRIMARY KEY (session_id, seq)
+        );
+        """,
+    ),
+]

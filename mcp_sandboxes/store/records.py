@@ -1,0 +1,62 @@
+"""Rows as pydantic models: what the store hands to the orchestrator."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from mcp_sandboxes.backends.base import AgentSpec
+from mcp_sandboxes.events import Usage
+from mcp_sandboxes.providers.base import SandboxSpec
+
+SessionStatus = Literal["starting", "running", "idle", "stopped", "failed"]
+TurnStatus = Literal["queued", "running", "done", "failed", "interrupted"]
+LIVE_STATUSES: tuple[SessionStatus, ...] = ("starting", "running", "idle")
+
+
+class EnvironmentRecord(BaseModel):
+    id: str
+    name: str
+    provider: str
+    spec: SandboxSpec
+    setup_commands: list[str] = Field(default_factory=list)
+    created_at: str
+
+
+class SessionRecord(BaseModel):
+    id: str
+    environment_id: str
+    parent_session_id: str | None = None
+    backend: str
+    agent: AgentSpec
+    status: SessionStatus
+    sandbox_id: str | None = None
+    native_session_id: str | None = None
+    stop_reason: str | None = None
+    last_error: str | None = None
+    usage: Usage = Field(default_factory=Usage)
+    created_at: str
+    updated_at: str
+
+
+class TurnRecord(BaseModel):
+    session_id: str
+    idx: int
+    prompt: str
+    status: TurnStatus
+    stop_reason: str | None = None
+    final_text: str | None = None
+    error: str | None = None
+    usage: Usage | None = None
+    created_at: str
+    started_at: str | None = None
+    ended_at: str | None = None
+
+
+class EventRecord(BaseModel):
+    session_id: str
+    seq: int
+    type: str
+    created_at: str
+    data: dict[str, Any]
