@@ -28,11 +28,17 @@ if ! have mcp-sandboxes/base:latest; then
   echo "built mcp-sandboxes/base:latest"
 fi
 
-if ! have mcp-sandboxes/busybox:latest; then
+# An image built by an earlier version of this script could be empty (the binary overwritten by
+# its own applet link), so the busybox image must also actually run a shell.
+if ! have mcp-sandboxes/busybox:latest \
+  || ! docker run --rm --network none mcp-sandboxes/busybox:latest sh -c true >/dev/null 2>&1; then
   tmp="$(mktemp -d)"
   mkdir -p "$tmp/bin" "$tmp/tmp" "$tmp/workspace" "$tmp/etc"
   cp "$(command -v busybox)" "$tmp/bin/busybox"
-  for applet in $("$tmp/bin/busybox" --list); do ln -sf busybox "$tmp/bin/$applet"; done
+  # `--list` names `busybox` itself; linking that would replace the binary with a self-link.
+  for applet in $("$tmp/bin/busybox" --list); do
+    [[ "$applet" == busybox ]] || ln -sf busybox "$tmp/bin/$applet"
+  done
   echo 'root:x:0:0:root:/root:/bin/sh' >"$tmp/etc/passwd"
   echo 'agent:x:1000:1000:agent:/workspace:/bin/sh' >>"$tmp/etc/passwd"
   chmod 1777 "$tmp/tmp"
