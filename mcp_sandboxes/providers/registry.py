@@ -13,6 +13,10 @@ from mcp_sandboxes.providers.base import Provider
 # name -> "module:factory". A factory takes the provider's settings dict and returns a Provider.
 _FACTORIES: dict[str, str] = {
     "docker": "mcp_sandboxes.providers.docker:DockerProvider.from_settings",
+    "e2b": "mcp_sandboxes.providers.e2b:E2BProvider.from_settings",
+    "daytona": "mcp_sandboxes.providers.daytona:DaytonaProvider.from_settings",
+    "modal": "mcp_sandboxes.providers.modal:ModalProvider.from_settings",
+    "apple": "mcp_sandboxes.providers.apple:AppleContainerProvider.from_settings",
 }
 
 
