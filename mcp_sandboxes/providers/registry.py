@@ -13,6 +13,9 @@ from mcp_sandboxes.providers.base import Provider
 # name -> "module:factory". A factory takes the provider's settings dict and returns a Provider.
 _FACTORIES: dict[str, str] = {
     "docker": "mcp_sandboxes.providers.docker:DockerProvider.from_settings",
+    "fly": "mcp_sandboxes.providers.fly:FlyProvider.from_settings",
+    "vercel": "mcp_sandboxes.providers.vercel:VercelProvider.from_settings",
+    "sprites": "mcp_sandboxes.providers.sprites:SpritesProvider.from_settings",
     "e2b": "mcp_sandboxes.providers.e2b:E2BProvider.from_settings",
     "daytona": "mcp_sandboxes.providers.daytona:DaytonaProvider.from_settings",
     "modal": "mcp_sandboxes.providers.modal:ModalProvider.from_settings",

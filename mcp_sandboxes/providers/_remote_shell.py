@@ -1,0 +1,153 @@
+"""POSIX shell wrapping and output plumbing shared by the remote providers.
+
+Vendor exec APIs differ in what they take: Fly's exec has no cwd, env or user, Sprites
+replaces the whole environment when given any variable, Vercel has no per-command
+user beyond sudo. So a command is wrapped in a small `/bin/sh -c` script built here,
+every argument single-quoted (`shlex.quote`), which does the `cd`, the `env`, the user
+switch (`su` when the sandbox runs us as root, `sudo -n` otherwise) and, where the
+vendor has no signal API, records the process id so a later command can signal it.
+"""
+
+from __future__ import annotations
+
+import math
+import shlex
+import signal as _signal
+from collections.abc import AsyncIterator, Mapping
+
+import anyio
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from mcp_sandboxes.errors import InvalidInputError
+from mcp_sandboxes.providers.base import OutputChunk, SandboxSpec
+
+SHELL = "/bin/sh"
+
+
+def q(value: str) -> str:
+    return shlex.quote(value)
+
+
+def inner_script(
+    argv: list[str],
+    *,
+    cwd: str | None = None,
+    env: Mapping[str, str] | None = None,
+    pidfile: str | None = None,
+    stdin_file: str | None = None,
+) -> str:
+    """`cd`, `env` and `exec` of argv, as one shell script (exit 127 when argv[0] is missing)."""
+    if not argv:
+        raise InvalidInputError("argv", "the command is empty; pass at least the program name")
+    parts: list[str] = []
+    if pidfile:
+        # $$ is this shell, which `exec` replaces with the command: the pid is the command's.
+        parts.append(f"echo $$ > {q(pidfile)}")
+    if cwd:
+        parts.append(f"cd {q(cwd)}")
+    command = "exec "
+    if env:
+        command += "env " + " ".join(q(f"{key}={value}") for key, value in env.items()) + " "
+    command += " ".join(q(arg) for arg in argv)
+    if stdin_file:
+        command += f" < {q(stdin_file)}"
+    parts.append(command)
+    return " && ".join(parts)
+
+
+def as_user(script: str, user: str | None) -> str:
+    """Run `script` as `user`: su when we are root, passwordless sudo otherwise, nothing if already them."""
+    if not user:
+        return script
+    u = q(user)
+    inner = q(script)
+    return (
+        f'cur=$(id -u); if [ "$cur" = {u} ] || [ "$(id -un)" = {u} ]; then exec {SHELL} -c {inner}; '
+        f'elif [ "$cur" = 0 ]; then exec su -s {SHELL} -c {inner} {u}; '
+        f"else exec sudo -n -H -u {u} -- {SHELL} -c {inner}; fi"
+    )
+
+
+def wrap(
+    argv: list[str],
+    *,
+    cwd: str | None = None,
+    env: Mapping[str, str] | None = None,
+    user: str | None = None,
+    pidfile: str | None = None,
+    stdin_file: str | None = None,
+) -> list[str]:
+    script = inner_script(argv, cwd=cwd, env=env, pidfile=pidfile, stdin_file=stdin_file)
+    return [SHELL, "-c", as_user(script, user)]
+
+
+def signal_name(signum: int) -> str:
+    """SIGTERM -> "TERM"; numbers without a name stay numbers."""
+    try:
+        return _signal.Signals(signum).name.removeprefix("SIG")
+    except ValueError:
+        return str(signum)
+
+
+def reject_unsupported(spec: SandboxSpec, provider: str, *, network_none: bool) -> None:
+    """Remote sandboxes cannot mount host paths, and some cannot switch the network off."""
+    if spec.mounts:
+        raise InvalidInputError(
+            "mounts",
+            f"{provider} sandboxes run on the vendor's machines and cannot mount host paths; "
+            "remove the mounts and copy files in with put_file",
+        )
+    if spec.network == "none" and not network_none:
+        raise InvalidInputError(
+            "network",
+            f"{provider} sandboxes always have the vendor's network and cannot run with network 'none'; "
+            "set network = 'host' for this environment, or use a provider that can isolate the network",
+        )
+
+
+class OutputChannel:
+    """Chunks from a remote process, in arrival order, plus its exit code.
+
+    The buffer is unbounded on purpose: the vendor keeps producing output whether or not
+    we read it (none of these APIs has flow control back to the process), so holding
+    back here would only stall the reader of the exit code, not the process.
+    """
+
+    def __init__(self) -> None:
+        send: MemoryObjectSendStream[OutputChunk]
+        receive: MemoryObjectReceiveStream[OutputChunk]
+        send, receive = anyio.create_memory_object_stream[OutputChunk](math.inf)
+        self._send = send
+        self._receive = receive
+        self._exit_code: int | None = None
+        self._error: BaseException | None = None
+        self.finished = anyio.Event()
+
+    def put(self, stream: str, data: bytes) -> None:
+        if data and not self.finished.is_set():
+            self._send.send_nowait(OutputChunk("stderr" if stream == "stderr" else "stdout", data))
+
+    def finish(self, exit_code: int, error: BaseException | None = None) -> None:
+        if self.finished.is_set():
+            return
+        self._exit_code = exit_code
+        self._error = error
+        self._send.close()
+        self.finished.set()
+
+    @property
+    def exit_code(self) -> int | None:
+        return self._exit_code
+
+    async def chunks(self) -> AsyncIterator[OutputChunk]:
+        async for chunk in self._receive:
+            yield chunk
+        if self._error is not None:
+            raise self._error
+
+    async def wait(self) -> int:
+        await self.finished.wait()
+        if self._error is not None:
+            raise self._error
+        assert self._exit_code is not None
+        return self._exit_code
