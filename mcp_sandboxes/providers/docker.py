@@ -84,6 +84,7 @@ _SIGNALLER = (
     "kill -$1 -$p 2>/dev/null || kill -$1 $p 2>/dev/null || exit 4"
 )
 _NO_PID_FILE = 3
+_CANNOT_CONNECT = 900  # aiodocker's status for "could not connect to the engine"
 _SOCKET_PATHS = ("/run/docker.sock", "/var/run/docker.sock")
 _CONTAINER_NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]+$")
 _ENV_KEY = re.compile(r"^[^=\x00]+$")
@@ -161,7 +162,7 @@ class DockerProvider:
                 " check `docker info` and the dockerd log, or restart it (scripts/start-dockerd.sh)"
             ) from exc
         except DockerError as exc:
-            if exc.status == 900:  # aiodocker's code for "could not connect"
+            if exc.status == _CANNOT_CONNECT:
                 raise self.unreachable(exc) from exc
             raise ProviderError(f"Docker engine failed {action}: {exc.message}") from exc
         except (aiohttp.ClientConnectionError, ConnectionError, FileNotFoundError) as exc:
@@ -220,7 +221,7 @@ class DockerProvider:
                 try:
                     await self.client().containers.container(container_id).start()
                 except DockerError as exc:
-                    raise _start_error(exc, spec) from exc
+                    raise _start_error(exc, spec, self) from exc
         except BaseException:
             with anyio.CancelScope(shield=True), anyio.move_on_after(API_TIMEOUT_S):
                 await self._remove_leftover(container_id, name, token)
@@ -397,10 +398,12 @@ class DockerSandbox:
                         (err if message.stream == 2 else out).extend(message.data)
                 info = await _exec_inspect_finished(execution)
             except DockerError as exc:
-                raise _exec_error(exc, self.id) from exc
+                raise _exec_error(exc, self._owner, self.id) from exc
         return ExecResult(exit_code=int(info["ExitCode"]), stdout=bytes(out), stderr=bytes(err))
 
     async def put_file(self, path: str, data: bytes, mode: int = 0o644, user: str | None = None) -> None:
+        if path.endswith("/"):
+            raise InvalidInputError("path", f"{path!r} names a directory; give the file's path")
         path = _absolute(path, "path")
         directory, filename = posixpath.split(path)
         if not filename:
@@ -417,7 +420,7 @@ class DockerSandbox:
                 return
             except DockerError as exc:
                 if exc.status != 404 or "No such container" in exc.message:
-                    raise _file_error(exc, path, self.id) from exc
+                    raise _file_error(exc, path, self._owner, self.id) from exc
             # The parent directory is missing: make it as the file's owner, then write again.
             made = await self.exec(["mkdir", "-p", "--", directory], user=owner, timeout=API_TIMEOUT_S)
             if not made.ok:
@@ -426,7 +429,7 @@ class DockerSandbox:
             try:
                 await _put_archive(container, directory, archive)
             except DockerError as exc:
-                raise _file_error(exc, path, self.id) from exc
+                raise _file_error(exc, path, self._owner, self.id) from exc
 
     async def get_file(self, path: str) -> bytes:
         path = _absolute(path, "path")
@@ -436,7 +439,7 @@ class DockerSandbox:
                 try:
                     archive = await self._container().get_archive(path)
                 except DockerError as exc:
-                    raise _file_error(exc, requested, self.id) from exc
+                    raise _file_error(exc, requested, self._owner, self.id) from exc
             with archive:
                 member = archive.next()
                 if member is None:
@@ -497,7 +500,7 @@ class DockerExecStream:
                 self._connection = self._exec.start(detach=False)
                 self._raw = await self._connection.__aenter__()
             except DockerError as exc:
-                raise _exec_error(exc, self._sandbox.id) from exc
+                raise _exec_error(exc, self._sandbox._owner, self._sandbox.id) from exc
 
     async def __aiter__(self) -> AsyncIterator[OutputChunk]:
         raw = self._started()
@@ -559,7 +562,7 @@ class DockerExecStream:
             try:
                 info = await execution.inspect()
             except DockerError as exc:
-                raise _exec_error(exc, self._sandbox.id) from exc
+                raise _exec_error(exc, self._sandbox._owner, self._sandbox.id) from exc
         return _finished_code(info)
 
     async def _may_be_running(self) -> bool:
@@ -608,9 +611,17 @@ async def _feed_stdin(process: DockerExecStream, data: bytes | None) -> None:
 
 
 async def _put_archive(container: DockerContainer, directory: str, archive: bytes) -> None:
-    # A file object, not bytes: aiohttp sends large bytes bodies in one blocking write.
-    body = io.BytesIO(archive)
-    await container.put_archive(directory, body)  # type: ignore[no-untyped-call]  # untyped in aiodocker
+    # Not aiodocker's put_archive: it cannot pass noOverwriteDirNonDir, without which the
+    # engine silently replaces a directory by the file. A file object, not bytes: aiohttp
+    # writes a large bytes body in one blocking call.
+    async with container.docker._query(
+        f"containers/{container.id}/archive",
+        method="PUT",
+        data=io.BytesIO(archive),
+        headers={"Content-Type": "application/x-tar"},
+        params={"path": directory, "noOverwriteDirNonDir": "1"},
+    ):
+        pass
 
 
 def _owned(container: DockerContainer) -> bool:
@@ -734,6 +745,8 @@ def _reason(exc: BaseException) -> str:
 
 def _create_error(exc: DockerError, spec: SandboxSpec, name: str, owner: DockerProvider) -> McpSandboxesError:
     message = str(exc.message)
+    if exc.status == _CANNOT_CONNECT:
+        return owner.unreachable(exc)
     if exc.status == 404 and "image" in message.lower():
         return owner.image_missing(spec.image)
     if exc.status == 409:
@@ -747,8 +760,10 @@ def _create_error(exc: DockerError, spec: SandboxSpec, name: str, owner: DockerP
     return ProviderError(f"Docker engine failed creating a container from {spec.image}: {message}")
 
 
-def _start_error(exc: DockerError, spec: SandboxSpec) -> McpSandboxesError:
+def _start_error(exc: DockerError, spec: SandboxSpec, owner: DockerProvider) -> McpSandboxesError:
     message = str(exc.message)
+    if exc.status == _CANNOT_CONNECT:
+        return owner.unreachable(exc)
     if "unable to find user" in message or "no matching entries in passwd" in message:
         return InvalidInputError("user", f"{spec.user!r} does not exist in image {spec.image}; use a user it defines")
     if "executable file not found" in message or "no such file or directory" in message.lower():
@@ -758,8 +773,10 @@ def _start_error(exc: DockerError, spec: SandboxSpec) -> McpSandboxesError:
     return ProviderError(f"Docker engine could not start a container from {spec.image}: {message}")
 
 
-def _exec_error(exc: DockerError, container_id: str) -> McpSandboxesError:
+def _exec_error(exc: DockerError, owner: DockerProvider, container_id: str) -> McpSandboxesError:
     message = str(exc.message)
+    if exc.status == _CANNOT_CONNECT:
+        return owner.unreachable(exc)
     if exc.status == 404 and "container" in message.lower():
         return SandboxGoneError(f"sandbox {container_id[:12]} no longer exists; create a new one")
     if exc.status == 409:
@@ -767,8 +784,14 @@ def _exec_error(exc: DockerError, container_id: str) -> McpSandboxesError:
     return ProviderError(f"Docker engine failed to run a command in {container_id[:12]}: {message}")
 
 
-def _file_error(exc: DockerError, path: str, container_id: str) -> McpSandboxesError:
+def _file_error(exc: DockerError, path: str, owner: DockerProvider, container_id: str) -> McpSandboxesError:
     message = str(exc.message)
+    if exc.status == _CANNOT_CONNECT:
+        return owner.unreachable(exc)
+    if "cannot overwrite directory" in message:
+        return InvalidInputError("path", f"{path} is a directory in the sandbox; give a file's path")
+    if "extraction point is not a directory" in message:
+        return InvalidInputError("path", f"the parent of {path} is not a directory in the sandbox")
     if exc.status == 404 and "No such container" in message:
         return SandboxGoneError(f"sandbox {container_id[:12]} no longer exists; create a new one")
     if exc.status == 404:
