@@ -138,11 +138,20 @@ class VendorClient:
         content: bytes | None = None,
         headers: Mapping[str, str] | None = None,
         timeout_s: float | None = None,
+        unbounded_read: bool = False,
         ok: Iterable[int] = (200, 201, 202, 204),
     ) -> httpx.Response:
-        """Send one request; 429 is retried (bounded), other non-`ok` statuses raise."""
+        """Send one request; 429 is retried (bounded), other non-`ok` statuses raise.
+
+        `unbounded_read` is for calls that block server-side until something ends (a command's
+        `wait`): the caller bounds them with its own deadline instead.
+        """
         ok_set = set(ok)
-        timeout = httpx.Timeout(timeout_s or self.request_timeout_s, connect=DEFAULT_CONNECT_TIMEOUT_S)
+        timeout = httpx.Timeout(
+            timeout_s or self.request_timeout_s,
+            connect=DEFAULT_CONNECT_TIMEOUT_S,
+            read=None if unbounded_read else (timeout_s or self.request_timeout_s),
+        )
         for _attempt in range(MAX_RATE_LIMIT_RETRIES + 1):
             try:
                 response = await self._client.request(

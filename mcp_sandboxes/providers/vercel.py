@@ -1,0 +1,567 @@
+"""Vercel Sandbox: one named Vercel sandbox (a Firecracker microVM) per sandbox.
+
+Vendor documentation followed (Vercel REST API reference, "Sandboxes" group, and the
+wire calls of the official `@vercel/sandbox` SDK, packages/vercel-sandbox/src/api-client):
+- https://vercel.com/docs/rest-api : base URL https://api.vercel.com,
+  `Authorization: Bearer <token>`, `?teamId=` on every call for team-owned resources.
+- https://vercel.com/docs/rest-api/errors : errors are `{"error": {"code", "message"}}`;
+  a missing or invalid token is 403 `forbidden` / "Not authorized".
+- https://vercel.com/docs/rest-api/sandboxes/create-a-named-sandbox : POST /v2/sandboxes
+  `{projectId, name, runtime, resources: {vcpus}, timeout (ms), env, tags, persistent,
+  networkPolicy}` -> `{sandbox, session, routes}`.
+- .../list-sandboxes (GET /v2/sandboxes?project=&tags=key:value&cursor=),
+  .../get-a-named-sandbox (GET /v2/sandboxes/{name}?projectId=), DELETE of the same path.
+- .../execute-a-command (POST /v2/sandboxes/sessions/{sessionId}/cmd `{command, args,
+  cwd, env, sudo}` -> `{command: {id, exitCode: null, ...}}`), .../get-a-command
+  (`?wait=true` blocks until `exitCode` is set), .../stream-command-logs (GET
+  .../cmd/{cmdId}/logs, `application/x-ndjson` lines `{"stream": "stdout"|"stderr",
+  "data": "..."}` or `{"stream": "error", "data": {code, message}}`), .../kill-a-command
+  (POST .../cmd/{cmdId}/kill `{signal: <number>}`).
+- .../write-files (POST .../fs/write, a gzipped tar, `x-cwd` = extraction directory),
+  .../read-a-file (POST .../fs/read `{path}` -> `application/octet-stream`, 404 if absent).
+
+What the API does not offer, and what this module does instead:
+- A command has no stdin. `exec(stdin=...)` first writes the bytes to a file in the
+  sandbox with fs/write and runs the command with `< file`. `stream()` holds
+  `send_stdin` data until `close_stdin()` (or the first read, wait or signal) and then
+  starts the command the same way; stdin sent after that is refused. Output is really
+  streamed (the logs endpoint), but it comes as JSON strings: output that is not UTF-8
+  is not byte-exact. Files are (fs/read, fs/write).
+- Commands run as the image's default user, or as root with `sudo`. Other users are
+  reached with `su` from root (see `_remote_shell`).
+- `network='none'` maps to the documented `networkPolicy {"mode": "deny-all"}`.
+  Host mounts are refused. `spec.image` names a Vercel runtime (node22, node24, node26,
+  python3.13); there are no arbitrary container images on this endpoint.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import secrets
+import signal as _signal
+import tarfile
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+import anyio.abc
+import httpx
+
+from mcp_sandboxes.errors import ConflictError, NotFoundError, ProviderError
+from mcp_sandboxes.providers._remote_http import (
+    RemoteApiError,
+    RemoteNotFoundError,
+    VendorClient,
+    setting_or_env,
+)
+from mcp_sandboxes.providers._remote_shell import (
+    SHELL,
+    OutputChannel,
+    as_user,
+    inner_script,
+    q,
+    reject_unsupported,
+)
+from mcp_sandboxes.providers.base import (
+    DEFAULT_CREATE_TIMEOUT_S,
+    DEFAULT_EXEC_TIMEOUT_S,
+    DEFAULT_FILE_TIMEOUT_S,
+    OWNER_LABEL,
+    SANDBOX_NAME_LABEL,
+    Availability,
+    ExecResult,
+    OutputChunk,
+    SandboxSpec,
+)
+
+NAME = "vercel"
+DEFAULT_API_URL = "https://api.vercel.com"
+# The sandbox's own lifetime; Vercel's default is 5 minutes, too short for an agent session.
+DEFAULT_SANDBOX_TIMEOUT_MS = 45 * 60 * 1000
+CLEANUP_TIMEOUT_S = 30.0
+POLL_INTERVAL_S = 0.5
+ROOT_USERS = ("root", "0")
+
+
+def _error_text(response: httpx.Response) -> str:
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text[:300] or response.reason_phrase
+    error = body.get("error") if isinstance(body, dict) else None
+    if isinstance(error, dict):
+        return f"{error.get('code', 'error')}: {error.get('message', '')}"
+    return response.text[:300]
+
+
+def _tags_filter(tags: Mapping[str, str]) -> list[str]:
+    return [f"{key}:{value}" for key, value in tags.items()]
+
+
+class VercelProvider:
+    name = NAME
+
+    def __init__(
+        self,
+        *,
+        token: str | None,
+        project_id: str | None,
+        team_id: str | None = None,
+        api_url: str = DEFAULT_API_URL,
+        sandbox_timeout_ms: int = DEFAULT_SANDBOX_TIMEOUT_MS,
+        request_timeout_s: float = 60.0,
+        create_timeout_s: float = DEFAULT_CREATE_TIMEOUT_S,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self._token = token
+        self.project_id = project_id
+        self.team_id = team_id
+        self.sandbox_timeout_ms = sandbox_timeout_ms
+        self.create_timeout_s = create_timeout_s
+        self._api = VendorClient(
+            vendor="Vercel Sandbox",
+            base_url=api_url,
+            headers={"Authorization": f"Bearer {token}"} if token else {},
+            secrets=[token or ""],
+            credential_fix="set VERCEL_TOKEN (or providers.vercel.token) to an access token of the VERCEL_TEAM_ID team",
+            error_text=_error_text,
+            request_timeout_s=request_timeout_s,
+            default_params={"teamId": team_id} if team_id else None,
+            transport=transport,
+        )
+
+    @classmethod
+    def from_settings(cls, settings: Mapping[str, Any]) -> VercelProvider:
+        return cls(
+            token=setting_or_env(settings, "token", ["VERCEL_TOKEN"]),
+            project_id=setting_or_env(settings, "project_id", ["VERCEL_PROJECT_ID"]),
+            team_id=setting_or_env(settings, "team_id", ["VERCEL_TEAM_ID"]),
+            api_url=setting_or_env(settings, "api_url", []) or DEFAULT_API_URL,
+            sandbox_timeout_ms=int(settings.get("sandbox_timeout_ms", DEFAULT_SANDBOX_TIMEOUT_MS)),
+            request_timeout_s=float(settings.get("request_timeout_s", 60.0)),
+            create_timeout_s=float(settings.get("create_timeout_s", DEFAULT_CREATE_TIMEOUT_S)),
+        )
+
+    @property
+    def api(self) -> VendorClient:
+        return self._api
+
+    def _missing(self) -> Availability | None:
+        if not self._token:
+            return Availability(
+                provider=NAME,
+                available=False,
+                reason="no Vercel token: VERCEL_TOKEN is not set and providers.vercel.token is empty",
+                fix="create an access token in the Vercel dashboard (Settings > Tokens) and export VERCEL_TOKEN",
+            )
+        if not self.project_id:
+            return Availability(
+                provider=NAME,
+                available=False,
+                reason="no Vercel project: VERCEL_PROJECT_ID is not set and providers.vercel.project_id is empty",
+                fix="set providers.vercel.project_id (and team_id for a team) to the project sandboxes belong to",
+            )
+        return None
+
+    def _project(self) -> str:
+        missing = self._missing()
+        if missing is not None:
+            raise ProviderError(f"{missing.reason}; fix: {missing.fix}")
+        assert self.project_id is not None
+        return self.project_id
+
+    async def check(self) -> Availability:
+        missing = self._missing()
+        if missing is not None:
+            return missing
+        try:
+            await self._api.request("GET", "/v2/sandboxes", params={"project": self.project_id, "limit": "1"})
+        except ProviderError as exc:
+            return Availability(
+                provider=NAME,
+                available=False,
+                reason=str(exc),
+                fix="check VERCEL_TOKEN, VERCEL_TEAM_ID and providers.vercel.project_id",
+            )
+        return Availability(provider=NAME, available=True)
+
+    async def create(self, spec: SandboxSpec) -> VercelSandbox:
+        reject_unsupported(spec, "Vercel", network_none=True)
+        project = self._project()
+        name = f"mcp-{secrets.token_hex(6)}"
+        tags = {**spec.labels, OWNER_LABEL: "true", SANDBOX_NAME_LABEL: spec.name or name}
+        body: dict[str, Any] = {
+            "projectId": project,
+            "name": name,
+            "runtime": spec.image,
+            "timeout": self.sandbox_timeout_ms,
+            "env": dict(spec.env),
+            "tags": tags,
+            "persistent": False,
+        }
+        if spec.limits.cpus is not None:
+            # Vercel takes 1 or an even number of vCPUs (memory follows at 2 GB per vCPU).
+            cpus = max(1, round(spec.limits.cpus))
+            body["resources"] = {"vcpus": cpus if cpus == 1 else cpus + cpus % 2}
+        if spec.network == "none":
+            body["networkPolicy"] = {"mode": "deny-all"}
+        response = await self._api.request("POST", "/v2/sandboxes", json=body, timeout_s=self.create_timeout_s)
+        session = response.json()["session"]
+        try:
+            with anyio.fail_after(self.create_timeout_s):
+                session = await self._wait_running(str(session["id"]), session)
+                sandbox = VercelSandbox(self, name, str(session["id"]), spec)
+                # The default user may not own the workdir's parent: create it as root, hand it over.
+                script = (
+                    f'mkdir -p {q(spec.workdir)} && {{ [ -z "$SUDO_USER" ] || chown "$SUDO_USER" {q(spec.workdir)}; }}'
+                )
+                result = await sandbox.run_script(script, sudo=True, cwd="/")
+                if not result.ok:
+                    raise ProviderError(
+                        f"Vercel: could not create workdir {spec.workdir!r} in sandbox {name}: "
+                        f"{result.stderr.decode(errors='replace').strip()}"
+                    )
+        except BaseException:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(CLEANUP_TIMEOUT_S):
+                await self.destroy(name)
+            raise
+        return sandbox
+
+    async def _wait_running(self, session_id: str, session: Mapping[str, Any]) -> Mapping[str, Any]:
+        while session.get("status") == "pending":
+            await anyio.sleep(POLL_INTERVAL_S)
+            response = await self._api.request("GET", f"/v2/sandboxes/sessions/{session_id}")
+            session = response.json()["session"]
+        if session.get("status") != "running":
+            raise ProviderError(f"Vercel: the sandbox session {session_id} is {session.get('status')}, not running")
+        return session
+
+    async def attach(self, sandbox_id: str) -> VercelSandbox | None:
+        try:
+            response = await self._api.request(
+                "GET", f"/v2/sandboxes/{sandbox_id}", params={"projectId": self._project()}
+            )
+        except RemoteNotFoundError:
+            return None
+        body = response.json()
+        session = body.get("session") or {}
+        if session.get("status") not in ("pending", "running"):
+            return None
+        sandbox = body.get("sandbox") or {}
+        spec = SandboxSpec(
+            image=str(sandbox.get("runtime") or "unknown"),
+            network="host",
+            workdir=str(sandbox.get("cwd") or session.get("cwd") or "/"),
+            labels={str(k): str(v) for k, v in (sandbox.get("tags") or {}).items()},
+        )
+        return VercelSandbox(self, sandbox_id, str(session["id"]), spec)
+
+    async def destroy(self, sandbox_id: str) -> None:
+        try:
+            await self._api.request("DELETE", f"/v2/sandboxes/{sandbox_id}", params={"projectId": self._project()})
+        except RemoteNotFoundError:
+            return
+
+    async def list_owned(self) -> list[str]:
+        names: list[str] = []
+        cursor: str | None = None
+        for _page in range(1000):
+            params: dict[str, Any] = {
+                "project": self._project(),
+                "tags": _tags_filter({OWNER_LABEL: "true"}),
+                "limit": "50",
+                "cursor": cursor,
+            }
+            body = (await self._api.request("GET", "/v2/sandboxes", params=params)).json()
+            for sandbox in body.get("sandboxes", []):
+                if (sandbox.get("tags") or {}).get(OWNER_LABEL) == "true" and sandbox.get("status") not in (
+                    "stopped",
+                    "failed",
+                    "aborted",
+                ):
+                    names.append(str(sandbox["name"]))
+            cursor = (body.get("pagination") or {}).get("next")
+            if not cursor:
+                break
+        return names
+
+    async def aclose(self) -> None:
+        await self._api.aclose()
+
+
+class VercelSandbox:
+    provider = NAME
+
+    def __init__(self, owner: VercelProvider, name: str, session_id: str, spec: SandboxSpec) -> None:
+        self._owner = owner
+        self.id = name
+        self.session_id = session_id
+        self.spec = spec
+
+    def session_path(self, suffix: str) -> str:
+        return f"/v2/sandboxes/sessions/{self.session_id}{suffix}"
+
+    def _request(
+        self, argv: list[str], *, env: dict[str, str] | None, cwd: str | None, user: str | None, stdin_file: str | None
+    ) -> dict[str, Any]:
+        run_as = self.spec.user if user is None else (user or None)
+        sudo = run_as is not None
+        script = inner_script(argv, stdin_file=stdin_file)
+        if run_as is not None and run_as not in ROOT_USERS:
+            script = as_user(script, run_as)
+        return {
+            "command": SHELL,
+            "args": ["-c", script],
+            "cwd": cwd or self.spec.workdir,
+            "env": {**self.spec.env, **(env or {})},
+            "sudo": sudo,
+        }
+
+    async def start_command(self, body: Mapping[str, Any]) -> str:
+        response = await self._owner.api.request("POST", self.session_path("/cmd"), json=dict(body))
+        return str(response.json()["command"]["id"])
+
+    async def read_logs(self, command_id: str, channel: OutputChannel) -> None:
+        async with self._owner.api.stream("GET", self.session_path(f"/cmd/{command_id}/logs")) as response:
+            async for line in response.aiter_lines():
+                if not line.strip():
+                    continue
+                entry = json.loads(line)
+                stream = entry.get("stream")
+                if stream == "error":
+                    data = entry.get("data") or {}
+                    raise ProviderError(
+                        f"Vercel: the log stream of command {command_id} failed: "
+                        f"{data.get('code')}: {data.get('message')}"
+                    )
+                if stream in ("stdout", "stderr"):
+                    channel.put(stream, str(entry.get("data") or "").encode("utf-8"))
+
+    async def wait_command(self, command_id: str) -> int:
+        response = await self._owner.api.request(
+            "GET", self.session_path(f"/cmd/{command_id}"), params={"wait": "true"}, unbounded_read=True
+        )
+        code = response.json()["command"].get("exitCode")
+        return int(code) if isinstance(code, int) else -1
+
+    async def kill_command(self, command_id: str, signum: int) -> None:
+        try:
+            await self._owner.api.request(
+                "POST", self.session_path(f"/cmd/{command_id}/kill"), json={"signal": int(signum)}
+            )
+        except RemoteApiError as exc:
+            if exc.status not in (404, 410):  # already ended: nothing to signal
+                raise
+
+    async def _collect(self, command_id: str) -> tuple[int, OutputChannel]:
+        channel = OutputChannel()
+        await self.read_logs(command_id, channel)
+        code = await self.wait_command(command_id)
+        channel.finish(code)
+        return code, channel
+
+    async def _run(self, body: Mapping[str, Any], limit_s: float | None) -> ExecResult:
+        command_id = await self.start_command(body)
+        stdout = bytearray()
+        stderr = bytearray()
+        try:
+            with anyio.fail_after(limit_s):
+                code, channel = await self._collect(command_id)
+        except TimeoutError:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(CLEANUP_TIMEOUT_S):
+                await self.kill_command(command_id, _signal.SIGKILL)
+            raise TimeoutError(f"Vercel: the command in sandbox {self.id} ran longer than {limit_s:g}s") from None
+        async for chunk in channel.chunks():
+            (stdout if chunk.stream == "stdout" else stderr).extend(chunk.data)
+        return ExecResult(code, bytes(stdout), bytes(stderr))
+
+    async def run_script(self, script: str, *, sudo: bool, cwd: str | None = None) -> ExecResult:
+        body = {"command": SHELL, "args": ["-c", script], "cwd": cwd or self.spec.workdir, "env": {}, "sudo": sudo}
+        return await self._run(body, DEFAULT_FILE_TIMEOUT_S)
+
+    async def stage_stdin(self, data: bytes) -> str:
+        path = f"/tmp/.mcp-sandboxes-{secrets.token_hex(8)}.stdin"
+        await self._write(path, data, 0o600)
+        return path
+
+    async def exec(
+        self,
+        argv: list[str],
+        *,
+        stdin: bytes | None = None,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        user: str | None = None,
+        timeout: float | None = DEFAULT_EXEC_TIMEOUT_S,  # noqa: ASYNC109 - the Sandbox protocol's parameter
+    ) -> ExecResult:
+        stdin_file = await self.stage_stdin(stdin) if stdin else None
+        try:
+            body = self._request(argv, env=env, cwd=cwd, user=user, stdin_file=stdin_file)
+            if stdin_file:
+                # The file is written by the default user; another user must still be able to read it.
+                body["args"] = ["-c", f"chmod 644 {q(stdin_file)} 2>/dev/null; {body['args'][1]}"]
+            return await self._run(body, timeout)
+        finally:
+            if stdin_file:
+                with anyio.CancelScope(shield=True), anyio.move_on_after(CLEANUP_TIMEOUT_S):
+                    await self._cleanup(stdin_file)
+
+    async def _cleanup(self, path: str) -> None:
+        try:
+            await self.run_script(f"rm -f {q(path)}", sudo=True, cwd="/")
+        except (ProviderError, TimeoutError):
+            pass
+
+    @asynccontextmanager
+    async def stream(
+        self,
+        argv: list[str],
+        *,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        user: str | None = None,
+    ) -> AsyncIterator[VercelProcess]:
+        process = VercelProcess(self, argv, env=env, cwd=cwd, user=user)
+        async with anyio.create_task_group() as tg:
+            process.task_group = tg
+            try:
+                yield process
+            finally:
+                with anyio.CancelScope(shield=True), anyio.move_on_after(CLEANUP_TIMEOUT_S):
+                    await process.terminate()
+                tg.cancel_scope.cancel()
+
+    async def _write(self, path: str, data: bytes, mode: int) -> None:
+        if not path.startswith("/"):
+            path = f"{self.spec.workdir.rstrip('/')}/{path}"
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
+            info = tarfile.TarInfo(name=path.lstrip("/"))
+            info.size = len(data)
+            info.mode = mode
+            archive.addfile(info, io.BytesIO(data))
+        await self._owner.api.request(
+            "POST",
+            self.session_path("/fs/write"),
+            content=buffer.getvalue(),
+            headers={"content-type": "application/gzip", "x-cwd": "/"},
+            timeout_s=DEFAULT_FILE_TIMEOUT_S,
+        )
+
+    async def put_file(self, path: str, data: bytes, mode: int = 0o644, user: str | None = None) -> None:
+        await self._write(path, data, mode)
+        owner = self.spec.user if user is None else (user or None)
+        if owner:
+            result = await self.run_script(f"chown {q(owner)} {q(path)}", sudo=True, cwd="/")
+            if not result.ok:
+                raise ProviderError(
+                    f"Vercel: chown {owner} {path} failed in sandbox {self.id}: "
+                    f"{result.stderr.decode(errors='replace').strip()}"
+                )
+
+    async def get_file(self, path: str) -> bytes:
+        try:
+            response = await self._owner.api.request(
+                "POST", self.session_path("/fs/read"), json={"path": path}, timeout_s=DEFAULT_FILE_TIMEOUT_S
+            )
+        except RemoteNotFoundError:
+            raise NotFoundError(f"{path}: no such file in Vercel sandbox {self.id}") from None
+        if "application/octet-stream" not in response.headers.get("content-type", ""):
+            raise ProviderError(f"Vercel: reading {path} returned {response.headers.get('content-type')!r}, not a file")
+        return response.content
+
+
+class VercelProcess:
+    """A Vercel command whose output is streamed from the logs endpoint (see module docs for stdin)."""
+
+    def __init__(
+        self,
+        sandbox: VercelSandbox,
+        argv: list[str],
+        *,
+        env: dict[str, str] | None,
+        cwd: str | None,
+        user: str | None,
+    ) -> None:
+        self._sandbox = sandbox
+        self._argv = argv
+        self._env = env
+        self._cwd = cwd
+        self._user = user
+        self._stdin = bytearray()
+        self._stdin_closed = False
+        self._started = False
+        self._command_id: str | None = None
+        self._stdin_file: str | None = None
+        self._started_event = anyio.Event()
+        self._channel = OutputChannel()
+        self.task_group: anyio.abc.TaskGroup | None = None
+
+    def _start(self) -> None:
+        if self._started or self._channel.finished.is_set():
+            return
+        self._started = True
+        self._stdin_closed = True
+        assert self.task_group is not None, "use VercelProcess through VercelSandbox.stream()"
+        self.task_group.start_soon(self._run)
+
+    async def _run(self) -> None:
+        try:
+            if self._stdin:
+                self._stdin_file = await self._sandbox.stage_stdin(bytes(self._stdin))
+            body = self._sandbox._request(
+                self._argv, env=self._env, cwd=self._cwd, user=self._user, stdin_file=self._stdin_file
+            )
+            if self._stdin_file:
+                body["args"] = ["-c", f"chmod 644 {q(self._stdin_file)} 2>/dev/null; {body['args'][1]}"]
+            self._command_id = await self._sandbox.start_command(body)
+            self._started_event.set()
+            await self._sandbox.read_logs(self._command_id, self._channel)
+            code = await self._sandbox.wait_command(self._command_id)
+        except Exception as exc:
+            self._started_event.set()
+            self._channel.finish(-1, exc)
+            return
+        self._channel.finish(code)
+
+    async def __aiter__(self) -> AsyncIterator[OutputChunk]:
+        self._start()
+        async for chunk in self._channel.chunks():
+            yield chunk
+
+    async def send_stdin(self, data: bytes) -> None:
+        if self._stdin_closed:
+            raise ConflictError(
+                "Vercel commands have no stdin stream; this provider sends stdin as a file when the command "
+                "starts, so send all stdin before close_stdin() or reading output"
+            )
+        self._stdin.extend(data)
+
+    async def close_stdin(self) -> None:
+        self._start()
+
+    async def signal(self, signum: int = _signal.SIGTERM) -> None:
+        if self._channel.finished.is_set():
+            return
+        if not self._started:
+            self._stdin_closed = True
+            self._channel.finish(128 + signum)
+            return
+        await self._started_event.wait()
+        if self._command_id is not None:
+            await self._sandbox.kill_command(self._command_id, signum)
+
+    async def wait(self) -> int:
+        self._start()
+        return await self._channel.wait()
+
+    async def terminate(self) -> None:
+        if self._started and not self._channel.finished.is_set():
+            try:
+                await self.signal(_signal.SIGKILL)
+            except ProviderError:
+                pass
+        if self._stdin_file:
+            await self._sandbox._cleanup(self._stdin_file)
