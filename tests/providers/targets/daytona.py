@@ -1,0 +1,37 @@
+"""Daytona against its loopback stand-in (tests/contract_servers/daytona.py): the real provider
+code, the vendor's REST + toolbox + logs-WebSocket contract, real commands behind it."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from mcp_sandboxes.providers.base import Provider, SandboxSpec
+from mcp_sandboxes.providers.daytona import DaytonaProvider
+from tests.contract_servers.daytona import DaytonaStandIn
+from tests.contract_servers.sandbox_host import LoopbackServer, bwrap_available
+from tests.providers.targets import ConformanceTarget
+
+API_KEY = "dtn_" + "0123456789abcdef" * 4
+
+
+@asynccontextmanager
+async def open_daytona() -> AsyncIterator[Provider]:
+    stand_in = DaytonaStandIn(API_KEY)
+    async with LoopbackServer(stand_in.app, "daytona-stand-in") as server:
+        provider = DaytonaProvider({"api_key": API_KEY, "api_url": f"{server.url}/api"})
+        try:
+            yield provider
+        finally:
+            await provider.aclose()
+    await stand_in.close()
+
+
+TARGETS = [
+    ConformanceTarget(
+        name="daytona",
+        open_provider=open_daytona,
+        spec=SandboxSpec(image="daytona-small"),
+        available=bwrap_available,
+    )
+]
