@@ -68,6 +68,7 @@ SIGNAL_TIMEOUT_S = 10.0  # how long signal() keeps trying while the pid file is 
 KILL_GRACE_S = 5.0  # after SIGKILL, how long to wait for the exec to be reported gone
 CLEANUP_TIMEOUT_S = 15.0  # the shielded cleanup when a stream context is left
 ID_LOOKUP_TIMEOUT_S = 30.0
+LEFTOVER_WAIT_S = 2.0  # after a create cut short in flight, how long to watch for the container
 
 # Labels only we set: the creation token lets a cancelled create find and remove exactly the
 # container it may have made, and never another one of the same name.
@@ -222,9 +223,12 @@ class DockerProvider:
                     await self.client().containers.container(container_id).start()
                 except DockerError as exc:
                     raise _start_error(exc, spec, self) from exc
-        except BaseException:
+        except BaseException as exc:
+            # Without an id and without an engine answer (cancelled, timed out), the create may
+            # still complete in the engine: the engine finishes a create whose caller left.
+            in_doubt = container_id is None and not isinstance(exc.__cause__, DockerError)
             with anyio.CancelScope(shield=True), anyio.move_on_after(API_TIMEOUT_S):
-                await self._remove_leftover(container_id, name, token)
+                await self._remove_leftover(container_id, name, token, wait_s=LEFTOVER_WAIT_S if in_doubt else 0.0)
             raise
         return DockerSandbox(self, container_id, default_user=spec.user)
 
@@ -240,14 +244,24 @@ class DockerProvider:
                     return None
                 raise _create_error(exc, spec, name, self) from exc
 
-    async def _remove_leftover(self, container_id: str | None, name: str, token: str) -> None:
-        """After a failed or cancelled create: remove the container if it exists and is ours."""
-        try:
-            container = await self.client().containers.get(container_id or name)
-            if (container["Config"].get("Labels") or {}).get(CREATE_TOKEN_LABEL) == token:
-                await container.delete(force=True, v=True)
-        except (DockerError, aiohttp.ClientError, OSError, ProviderError):
-            pass  # nothing there, or the engine is gone: nothing we can remove
+    async def _remove_leftover(self, container_id: str | None, name: str, token: str, *, wait_s: float) -> None:
+        """After a failed or cancelled create: remove the container if it exists and is ours,
+        watching up to `wait_s` for one whose create was still in flight."""
+        deadline = time.monotonic() + wait_s
+        delay = 0.02
+        while True:
+            try:
+                container = await self.client().containers.get(container_id or name)
+                if (container["Config"].get("Labels") or {}).get(CREATE_TOKEN_LABEL) == token:
+                    await container.delete(force=True, v=True)
+                return
+            except DockerError as exc:
+                if exc.status != 404 or time.monotonic() >= deadline:
+                    return  # the engine is gone, or nothing appeared in time
+            except (aiohttp.ClientError, OSError, ProviderError):
+                return  # the engine is gone: nothing we can remove
+            await anyio.sleep(delay)
+            delay = min(delay * 2, 0.25)
 
     async def attach(self, sandbox_id: str) -> DockerSandbox | None:
         container = await self._inspect(sandbox_id)
@@ -777,8 +791,8 @@ def _exec_error(exc: DockerError, owner: DockerProvider, container_id: str) -> M
     message = str(exc.message)
     if exc.status == _CANNOT_CONNECT:
         return owner.unreachable(exc)
-    if exc.status == 404 and "container" in message.lower():
-        return SandboxGoneError(f"sandbox {container_id[:12]} no longer exists; create a new one")
+    if exc.status == 404:  # no such container, or its exec records went with it
+        return SandboxGoneError(f"sandbox {container_id[:12]} no longer exists ({message}); create a new one")
     if exc.status == 409:
         return SandboxGoneError(f"sandbox {container_id[:12]} is not running ({message}); create a new one")
     return ProviderError(f"Docker engine failed to run a command in {container_id[:12]}: {message}")
