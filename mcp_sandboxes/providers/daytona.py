@@ -45,7 +45,13 @@ import httpx
 import websockets
 from websockets.asyncio.client import connect as ws_connect
 
-from mcp_sandboxes.errors import InvalidInputError, NotFoundError, ProviderError, ProviderUnavailableError
+from mcp_sandboxes.errors import (
+    InvalidInputError,
+    NotFoundError,
+    ProviderError,
+    ProviderUnavailableError,
+    SandboxGoneError,
+)
 from mcp_sandboxes.providers._remote_support import (
     CLEANUP_TIMEOUT_S,
     CONNECT_TIMEOUT_S,
@@ -262,6 +268,11 @@ class DaytonaSandbox:
         self.workdir = workdir
         self.user = user
 
+    def failed(self, action: str, response: httpx.Response) -> ProviderError:
+        if response.status_code == 404 and "sandbox" in response.text.lower():
+            return SandboxGoneError(f"daytona: sandbox {self.id} is gone ({action} answered 404)")
+        return self.owner._failed(action, response)
+
     async def execute(self, script: str, action: str, limit_s: float) -> tuple[int, str]:
         """Run a shell script through `/process/execute`: (exit code, combined output). The
         daemon enforces `limit_s` itself (killing the process group) and answers 408."""
@@ -274,9 +285,9 @@ class DaytonaSandbox:
             timeout=http_timeout(read=seconds + CONNECT_TIMEOUT_S),
         )
         if response.status_code == 408:
-            raise TimeoutError(f"daytona: {action} did not finish within {seconds} s")
+            raise ProviderError(f"daytona: {action} did not finish within {seconds} s (timed out; killed)")
         if response.status_code != 200:
-            raise self.owner._failed(action, response)
+            raise self.failed(action, response)
         body = response.json()
         return int(body.get("exitCode", 0) or 0), str(body.get("result", ""))
 
@@ -356,7 +367,7 @@ class DaytonaSandbox:
                 files={"file": (path.rsplit("/", 1)[-1] or "file", data, "application/octet-stream")},
             )
             if response.status_code != 200:
-                raise self.owner._failed(f"writing {path}", response)
+                raise self.failed(f"writing {path}", response)
             params = {"path": path, "mode": format(mode, "04o")}
             if user is not None:
                 params["owner"] = "root" if user in ROOT_USERS else user
@@ -364,17 +375,17 @@ class DaytonaSandbox:
                 "POST", f"{self.toolbox}/files/permissions", f"setting the mode of {path}", params=params
             )
             if response.status_code != 200:
-                raise self.owner._failed(f"setting the mode of {path}", response)
+                raise self.failed(f"setting the mode of {path}", response)
 
     async def get_file(self, path: str) -> bytes:
         with anyio.fail_after(DEFAULT_FILE_TIMEOUT_S):
             response = await self.owner.request(
                 "GET", f"{self.toolbox}/files/download", f"reading {path}", params={"path": path}
             )
-        if response.status_code == 404:
+        if response.status_code == 404 and "sandbox" not in response.text.lower():
             raise NotFoundError(f"daytona: {path} does not exist in sandbox {self.id}")
         if response.status_code != 200:
-            raise self.owner._failed(f"reading {path}", response)
+            raise self.failed(f"reading {path}", response)
         return response.content
 
 
@@ -396,10 +407,10 @@ class DaytonaProcess:
     async def start(self, command: list[str], cwd: str) -> None:
         response = await self._session_call("POST", "", "creating a session", json={"sessionId": self.session})
         if response.status_code not in (200, 201):
-            raise self._sandbox.owner._failed("creating a session", response)
+            raise self._sandbox.failed("creating a session", response)
         state = quote([self.state])
         inner = (
-            'sleep 2147483647 >"$0/in" & echo $! >"$0/holder"; echo $$ >"$0/pid"; '
+            'sleep 2147483647 >"$0/in" 2>/dev/null </dev/null & echo $! >"$0/holder"; echo $$ >"$0/pid"; '
             'cd "$1" || exit 1; shift; exec "$@" <"$0/in"'
         )
         wrapper = (
@@ -413,7 +424,7 @@ class DaytonaProcess:
             json={"command": wrapper, "runAsync": True, "suppressInputEcho": True},
         )
         if response.status_code not in (200, 202):
-            raise self._sandbox.owner._failed(f"starting {command[0]}", response)
+            raise self._sandbox.failed(f"starting {command[0]}", response)
         self.command_id = str(response.json()["cmdId"])
 
     async def pump(self) -> None:

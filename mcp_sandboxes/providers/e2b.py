@@ -98,6 +98,13 @@ def _exit_code(end: Mapping[str, Any]) -> int:
     return int(end.get("exitCode", end.get("exit_code", 0)))
 
 
+def _missing_program(error: Mapping[str, Any]) -> bool:
+    text = str(error.get("message", ""))
+    return error.get("code") == "invalid_argument" and (
+        "no such file or directory" in text or "executable file not found" in text
+    )
+
+
 def _envd_user(user: str | None) -> str | None:
     return "root" if user in ROOT_USERS else user
 
@@ -323,7 +330,8 @@ class E2BSandbox:
                         (stdout if chunk.stream == "stdout" else stderr).extend(chunk.data)
                     code = await process.wait()
         except TimeoutError:
-            raise TimeoutError(f"e2b: {argv[0] if argv else 'command'} did not finish within {timeout} s") from None
+            name = argv[0] if argv else "command"
+            raise ProviderError(f"e2b: {name} did not finish within {timeout} s (timed out; killed)") from None
         return ExecResult(exit_code=code, stdout=bytes(stdout), stderr=bytes(stderr))
 
     @asynccontextmanager
@@ -437,7 +445,14 @@ class E2BProcess:
                 async for flags, message in _read_envelopes(response):
                     if flags & _END_STREAM:
                         error = message.get("error")
-                        if error:
+                        if error and not started and _missing_program(error):
+                            # envd fails Start when exec cannot find the program; report it the
+                            # way a shell does, as a process that ended with 127.
+                            started = True
+                            task_status.started(0)
+                            await self.output.put("stderr", str(error.get("message", "")).encode() + b"\n")
+                            self.output.finish(127)
+                        elif error:
                             text = f"{error.get('code', 'unknown')}: {error.get('message', '')}"
                             raise ProviderError(f"e2b: the process stream failed ({text})")
                         break

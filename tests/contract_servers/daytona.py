@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import secrets
 from dataclasses import dataclass, field
 from typing import Any
@@ -222,6 +223,7 @@ class DaytonaStandIn:
             ["/bin/sh"],
             env={"HOME": SANDBOX_USER_HOME, **sandbox.body.get("env", {}), **body.get("envs", {})},
             cwd=body.get("cwd") or "/",
+            new_session=True,  # the daemon starts it with Setpgid and kills the group on timeout
         )
         process = local.process
         assert process.stdin is not None and process.stdout is not None and process.stderr is not None
@@ -238,7 +240,13 @@ class DaytonaStandIn:
                 asyncio.gather(collect(process.stdout), collect(process.stderr), process.wait()), timeout
             )
         except TimeoutError:
-            local.send_signal(9)
+            local.kill_group()
+            # The daemon answers only after its Wait on the killed command returned.
+            await process.wait()
+            for _ in range(200):
+                if not _group_alive(local.pid):
+                    break
+                await asyncio.sleep(0.01)
             return _error(408, "command execution timeout")
         return JSONResponse({"exitCode": process.returncode, "result": output.decode(errors="replace")})
 
@@ -423,6 +431,14 @@ async def _run_session_command(entry: SessionCommand) -> None:
     await asyncio.gather(pump(process.stdout, STDOUT_PREFIX), pump(process.stderr, STDERR_PREFIX))
     entry.exit_code = await process.wait()
     entry.changed.set()
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def _demux(log: bytes) -> tuple[bytes, bytes]:

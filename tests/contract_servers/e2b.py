@@ -281,6 +281,7 @@ class E2BStandIn:
             user = self._user(request)
             if self.fail_starts:
                 raise ConnectError(self.fail_starts.pop(0), "injected failure")
+            _check_executable(sandbox.machine, argv[0])
             env = {"USER": user, "HOME": USERS[user], **sandbox.env, **config.get("envs", {})}
             local = await sandbox.machine.spawn(argv, env=env, cwd=config.get("cwd") or USERS[user])
         except ConnectError as exc:
@@ -364,6 +365,24 @@ class E2BStandIn:
         host.write_bytes(await upload.read())
         host.chmod(0o644)
         return JSONResponse([{"path": path, "name": host.name, "type": "file"}])
+
+
+def _check_executable(machine: LocalMachine, cmd: str) -> None:
+    """envd spawns with Go's exec.Command, which fails the Start call (invalid_argument) for a
+    program it cannot find, before any process exists."""
+    if "/" in cmd:
+        host = machine.resolve(cmd)
+        if not host.exists():
+            raise ConnectError(
+                "invalid_argument", f"error starting process '{cmd}': fork/exec {cmd}: no such file or directory"
+            )
+        return
+    for directory in "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".split(":"):
+        if machine.resolve(f"{directory}/{cmd}").exists():
+            return
+    raise ConnectError(
+        "invalid_argument", f"error starting process '{cmd}': exec: \"{cmd}\": executable file not found in $PATH"
+    )
 
 
 def _select(sandbox: StandInSandbox, body: Any) -> RunningProcess:

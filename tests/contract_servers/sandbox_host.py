@@ -70,6 +70,14 @@ class LocalProcess:
     async def wait(self) -> int:
         return await self.process.wait()
 
+    def kill_group(self) -> None:
+        """SIGKILL the process group (for processes spawned with new_session=True)."""
+        self.signals_sent.append(signal.SIGKILL)
+        try:
+            os.killpg(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
     def killed_by(self, returncode: int) -> int | None:
         """The signal that ended the process, if one we sent explains its status."""
         if returncode > 128 and (returncode - 128) in self.signals_sent:
@@ -101,8 +109,10 @@ class LocalMachine:
         parts = [p for p in path.split("/") if p]
         return bool(parts) and parts[0] in WRITABLE
 
-    def _bwrap_args(self, cwd: str, env: Mapping[str, str], info_fd: int) -> list[str]:
+    def _bwrap_args(self, cwd: str, env: Mapping[str, str], info_fd: int, new_session: bool) -> list[str]:
         args = [BWRAP, "--die-with-parent", "--unshare-ipc", "--unshare-uts", "--info-fd", str(info_fd)]
+        if new_session:
+            args.append("--new-session")
         if not self.network:
             args.append("--unshare-net")
         for name in SYSTEM_DIRS:
@@ -119,8 +129,16 @@ class LocalMachine:
             args += ["--setenv", key, value]
         return args
 
-    async def spawn(self, argv: Sequence[str], *, env: Mapping[str, str] | None = None, cwd: str = "/") -> LocalProcess:
-        """Start argv inside the sandbox. Raises FileNotFoundError for a missing cwd."""
+    async def spawn(
+        self,
+        argv: Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str = "/",
+        new_session: bool = False,
+    ) -> LocalProcess:
+        """Start argv inside the sandbox. Raises FileNotFoundError for a missing cwd.
+        new_session puts the command in its own session and process group (setsid)."""
         if not self.resolve(cwd).is_dir():
             raise FileNotFoundError(f"working directory {cwd} does not exist")
         full_env = {"PATH": DEFAULT_PATH, "HOME": "/root", "LANG": "C.UTF-8"}
@@ -128,7 +146,7 @@ class LocalMachine:
         read_fd, write_fd = os.pipe()
         try:
             process = await anyio.open_process(
-                [*self._bwrap_args(cwd, full_env, write_fd), "--", *argv],
+                [*self._bwrap_args(cwd, full_env, write_fd, new_session), "--", *argv],
                 stdin=-1,
                 stdout=-1,
                 stderr=-1,
