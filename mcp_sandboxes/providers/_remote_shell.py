@@ -151,3 +151,15 @@ class OutputChannel:
             raise self._error
         assert self._exit_code is not None
         return self._exit_code
+
+
+def captured(script: str, directory: str) -> str:
+    """`script` with its stdout and stderr going to files `directory`/o and `directory`/e.
+
+    For vendor APIs that hand output back as JSON strings (Fly's exec, Vercel's logs),
+    which cannot carry bytes that are not UTF-8: the files are read back afterwards in a
+    binary-safe way. The redirection is done with `exec`, so the command stays the process
+    the vendor started (and that its timeout or kill reaches).
+    """
+    d = q(directory)
+    return f"mkdir -p {d} && exec >{d}/o 2>{d}/e || exit 125\n{script}"

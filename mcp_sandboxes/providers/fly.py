@@ -46,7 +46,7 @@ import anyio
 import anyio.abc
 import httpx
 
-from mcp_sandboxes.errors import ConflictError, NotFoundError, ProviderError
+from mcp_sandboxes.errors import NotFoundError, ProviderError, SandboxGoneError
 from mcp_sandboxes.providers._remote_http import (
     RemoteApiError,
     RemoteNotFoundError,
@@ -54,7 +54,9 @@ from mcp_sandboxes.providers._remote_http import (
     setting_or_env,
 )
 from mcp_sandboxes.providers._remote_shell import (
+    SHELL,
     OutputChannel,
+    captured,
     q,
     reject_unsupported,
     signal_name,
@@ -76,6 +78,8 @@ NAME = "fly"
 DEFAULT_API_URL = "https://api.machines.dev"
 # A streamed command has no caller timeout; Fly's exec still needs one.
 DEFAULT_STREAM_TIMEOUT_S = 3600
+# How often a streamed command's output is fetched: Fly allows 1 exec/s per Machine (bursts of 3).
+DEFAULT_POLL_INTERVAL_S = 1.0
 # Slack on top of the exec timeout for the HTTP round trip.
 HTTP_SLACK_S = 30.0
 SIGNAL_TIMEOUT_S = 30.0
@@ -116,6 +120,7 @@ class FlyProvider:
         request_timeout_s: float = 60.0,
         create_timeout_s: float = DEFAULT_CREATE_TIMEOUT_S,
         stream_timeout_s: int = DEFAULT_STREAM_TIMEOUT_S,
+        poll_interval_s: float = DEFAULT_POLL_INTERVAL_S,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self.app = app
@@ -123,6 +128,7 @@ class FlyProvider:
         self.region = region
         self.create_timeout_s = create_timeout_s
         self.stream_timeout_s = stream_timeout_s
+        self.poll_interval_s = poll_interval_s
         self._api = VendorClient(
             vendor="Fly Machines",
             base_url=api_url,
@@ -144,6 +150,7 @@ class FlyProvider:
             request_timeout_s=float(settings.get("request_timeout_s", 60.0)),
             create_timeout_s=float(settings.get("create_timeout_s", DEFAULT_CREATE_TIMEOUT_S)),
             stream_timeout_s=int(settings.get("stream_timeout_s", DEFAULT_STREAM_TIMEOUT_S)),
+            poll_interval_s=float(settings.get("poll_interval_s", DEFAULT_POLL_INTERVAL_S)),
         )
 
     @property
@@ -232,7 +239,7 @@ class FlyProvider:
             with anyio.fail_after(self.create_timeout_s):
                 await self._wait_started(machine_id, str(machine.get("instance_id") or ""))
                 sandbox = FlySandbox(self, machine_id, spec)
-                result = await sandbox.exec(["mkdir", "-p", spec.workdir], cwd="/", user="", timeout=60.0)
+                result = await sandbox.run_root(f"mkdir -p {q(spec.workdir)}")
                 if not result.ok:
                     raise ProviderError(
                         f"Fly: could not create workdir {spec.workdir!r} in machine {machine_id}: "
@@ -300,7 +307,8 @@ class FlySandbox:
         self.id = machine_id
         self.spec = spec
 
-    async def _exec_call(self, command: list[str], stdin: str | None, timeout_s: float) -> dict[str, Any]:
+    async def exec_call(self, command: list[str], stdin: str | None, timeout_s: float) -> dict[str, Any]:
+        """One call of Fly's exec: the command's whole output, when it has ended."""
         body: dict[str, Any] = {"command": command, "timeout": max(1, int(timeout_s + 0.999))}
         if stdin is not None:
             body["stdin"] = stdin
@@ -308,35 +316,30 @@ class FlySandbox:
             response = await self._owner.api.request(
                 "POST", self._owner.machines_path(f"/{self.id}/exec"), json=body, timeout_s=timeout_s + HTTP_SLACK_S
             )
+        except RemoteNotFoundError:
+            raise SandboxGoneError(f"Fly machine {self.id} no longer exists") from None
         except RemoteApiError as exc:
             if exc.status == 408:
-                raise TimeoutError(f"Fly: the command in machine {self.id} ran longer than {timeout_s:g}s") from None
+                raise ProviderError(
+                    f"Fly: the command in machine {self.id} did not finish within {timeout_s:g}s (timed out); "
+                    "Fly ended it"
+                ) from None
             raise
         result: dict[str, Any] = response.json()
         return result
 
-    def _command(
+    def command_script(
         self,
         argv: list[str],
         *,
-        stdin: bytes | None,
         env: dict[str, str] | None,
         cwd: str | None,
         user: str | None,
         pidfile: str | None = None,
-    ) -> tuple[list[str], str | None]:
+    ) -> str:
         merged_env = {**self.spec.env, **(env or {})}
         run_as = self.spec.user if user is None else (user or None)
-        stdin_text: str | None = None
-        if stdin is not None:
-            try:
-                stdin_text = stdin.decode("utf-8")
-            except UnicodeDecodeError:
-                # The API's stdin is a JSON string: binary stdin travels as base64 and is decoded in the machine.
-                argv = ["/bin/sh", "-c", "base64 -d | " + " ".join(q(a) for a in argv)]
-                stdin_text = base64.b64encode(stdin).decode("ascii")
-        command = wrap(argv, cwd=cwd or self.spec.workdir, env=merged_env, user=run_as, pidfile=pidfile)
-        return command, stdin_text
+        return wrap(argv, cwd=cwd or self.spec.workdir, env=merged_env, user=run_as, pidfile=pidfile)[2]
 
     async def exec(
         self,
@@ -348,13 +351,46 @@ class FlySandbox:
         user: str | None = None,
         timeout: float | None = DEFAULT_EXEC_TIMEOUT_S,  # noqa: ASYNC109 - the Sandbox protocol's parameter
     ) -> ExecResult:
-        command, stdin_text = self._command(argv, stdin=stdin, env=env, cwd=cwd, user=user)
+        stdin_text: str | None = None
+        if stdin is not None:
+            # The API's stdin is a JSON string: it travels as base64 and is decoded in the machine.
+            argv = [SHELL, "-c", "base64 -d | " + " ".join(q(a) for a in argv)]
+            stdin_text = base64.b64encode(stdin).decode("ascii")
+        # Output goes to files that a second exec returns as base64: the API's JSON strings
+        # cannot carry bytes that are not UTF-8.
+        capture = f"/tmp/.mcp-sandboxes-{secrets.token_hex(8)}"
+        script = captured(self.command_script(argv, env=env, cwd=cwd, user=user), capture)
         limit = timeout if timeout is not None else float(self._owner.stream_timeout_s)
-        body = await self._exec_call(command, stdin_text, limit)
+        try:
+            body = await self.exec_call([SHELL, "-c", script], stdin_text, limit)
+            code = _exit_code(body)
+            if code == 125 and body.get("stderr"):
+                raise ProviderError(f"Fly: could not capture output in machine {self.id}: {body.get('stderr')}")
+            d = q(capture)
+            files = await self.run_root(f"base64 {d}/o && echo . && base64 {d}/e")
+            lines = files.stdout.decode("ascii", errors="replace").split("\n")
+            if not files.ok or "." not in lines:
+                raise ProviderError(f"Fly: could not read the command's output in machine {self.id}")
+            mark = lines.index(".")
+            stdout = base64.b64decode("".join(lines[:mark]))
+            stderr = base64.b64decode("".join(lines[mark + 1 :]))
+        finally:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(CLEANUP_TIMEOUT_S):
+                try:
+                    await self.run_root(f"rm -rf {q(capture)}")
+                except ProviderError:
+                    pass
+        return ExecResult(exit_code=code, stdout=stdout, stderr=stderr)
+
+    async def run_root(
+        self, script: str, stdin: str | None = None, timeout_s: float = DEFAULT_FILE_TIMEOUT_S
+    ) -> ExecResult:
+        """A helper script run as the exec user (root), output as text."""
+        body = await self.exec_call([SHELL, "-c", script], stdin, timeout_s)
         return ExecResult(
-            exit_code=_exit_code(body),
-            stdout=str(body.get("stdout") or "").encode("utf-8"),
-            stderr=str(body.get("stderr") or "").encode("utf-8"),
+            _exit_code(body),
+            str(body.get("stdout") or "").encode("utf-8"),
+            str(body.get("stderr") or "").encode("utf-8"),
         )
 
     @asynccontextmanager
@@ -366,9 +402,10 @@ class FlySandbox:
         cwd: str | None = None,
         user: str | None = None,
     ) -> AsyncIterator[FlyProcess]:
-        process = FlyProcess(self, argv, env=env, cwd=cwd, user=user)
+        process = FlyProcess(self, self._owner.poll_interval_s)
+        await process.start(self.command_script(argv, env=env, cwd=cwd, user=user, pidfile=f"{process.dir}/pid"))
         async with anyio.create_task_group() as tg:
-            process.task_group = tg
+            tg.start_soon(process.poll_until_exit)
             try:
                 yield process
             finally:
@@ -381,7 +418,7 @@ class FlySandbox:
         owner = self.spec.user if user is None else (user or None)
         if owner:
             script += f" && chown {q(owner)} {q(path)}"
-        result = await self._exec_root(script, stdin=base64.b64encode(data).decode("ascii"))
+        result = await self.run_root(script, stdin=base64.b64encode(data).decode("ascii"))
         if not result.ok:
             raise ProviderError(
                 f"Fly: writing {path} in machine {self.id} failed: {result.stderr.decode(errors='replace').strip()}"
@@ -389,7 +426,7 @@ class FlySandbox:
 
     async def get_file(self, path: str) -> bytes:
         script = f"[ -f {q(path)} ] || exit {NOT_FOUND_EXIT}; base64 < {q(path)}"
-        result = await self._exec_root(script)
+        result = await self.run_root(script)
         if result.exit_code == NOT_FOUND_EXIT:
             raise NotFoundError(f"{path}: no such file in Fly machine {self.id}")
         if not result.ok:
@@ -397,113 +434,123 @@ class FlySandbox:
                 f"Fly: reading {path} in machine {self.id} failed: {result.stderr.decode(errors='replace').strip()}"
             )
         try:
-            return base64.b64decode(result.stdout, validate=False)
+            return base64.b64decode(b"".join(result.stdout.split()), validate=True)
         except binascii.Error as exc:
             raise ProviderError(f"Fly: {path} in machine {self.id} came back garbled: {exc}") from None
 
-    async def _exec_root(self, script: str, stdin: str | None = None) -> ExecResult:
-        body = await self._exec_call(["/bin/sh", "-c", script], stdin, DEFAULT_FILE_TIMEOUT_S)
-        return ExecResult(
-            _exit_code(body),
-            str(body.get("stdout") or "").encode("utf-8"),
-            str(body.get("stderr") or "").encode("utf-8"),
-        )
-
 
 class FlyProcess:
-    """A command run through Fly's exec. Output arrives when the command has ended (see module docs)."""
+    """A command started in the background of a Fly Machine and followed by polling.
 
-    def __init__(
-        self,
-        sandbox: FlySandbox,
-        argv: list[str],
-        *,
-        env: dict[str, str] | None,
-        cwd: str | None,
-        user: str | None,
-    ) -> None:
+    Fly's exec returns only when its command ends, so a stream is built from several
+    execs: one starts the command detached, reading stdin from a FIFO and writing stdout,
+    stderr, its pid and finally its exit code to files in a private directory; then one
+    exec per poll interval returns what was appended to the output files since the last
+    poll (base64, so bytes survive) and the exit code once it exists. `send_stdin` is an
+    exec that writes into the FIFO, `close_stdin` ends the process that holds the FIFO
+    open, `signal` runs `kill` on the recorded pid. Output therefore arrives up to one
+    poll interval late (1 s by default, which keeps within Fly's 1 request/s/action limit).
+    """
+
+    def __init__(self, sandbox: FlySandbox, poll_interval_s: float) -> None:
         self._sandbox = sandbox
-        self._argv = argv
-        self._env = env
-        self._cwd = cwd
-        self._user = user
-        self._stdin = bytearray()
+        self._poll_interval_s = poll_interval_s
+        self.dir = f"/tmp/.mcp-sandboxes-{secrets.token_hex(8)}"
+        self._offsets = {"stdout": 0, "stderr": 0}
         self._stdin_closed = False
-        self._started = False
-        self._pidfile = f"/tmp/.mcp-sandboxes-{secrets.token_hex(8)}.pid"
         self._channel = OutputChannel()
-        self.task_group: anyio.abc.TaskGroup | None = None
 
-    def _start(self) -> None:
-        if self._started or self._channel.finished.is_set():
-            return
-        self._started = True
-        self._stdin_closed = True
-        assert self.task_group is not None, "use FlyProcess through FlySandbox.stream()"
-        self.task_group.start_soon(self._run)
-
-    async def _run(self) -> None:
-        stdin = bytes(self._stdin) if self._stdin else None
-        try:
-            command, stdin_text = self._sandbox._command(
-                self._argv, stdin=stdin, env=self._env, cwd=self._cwd, user=self._user, pidfile=self._pidfile
+    async def start(self, script: str) -> None:
+        d = q(self.dir)
+        launch = (
+            f"mkdir -p {d} && chmod 700 {d} && mkfifo {d}/in && : > {d}/out && : > {d}/err && "
+            # The holder keeps a writer on the FIFO, so the command sees end of input only at close_stdin.
+            f"{{ sleep 2147483647 <>{d}/in >/dev/null 2>&1 & echo $! > {d}/holder; }} && "
+            f"{{ ( {SHELL} -c {q(script)} <{d}/in >{d}/out 2>{d}/err; echo $? > {d}/exit.new; "
+            f"mv {d}/exit.new {d}/exit ) </dev/null >/dev/null 2>&1 & }}"
+        )
+        result = await self._sandbox.run_root(launch)
+        if not result.ok:
+            raise ProviderError(
+                f"Fly: could not start the command in machine {self._sandbox.id}: "
+                f"{result.stderr.decode(errors='replace').strip()}"
             )
-            body = await self._sandbox._exec_call(command, stdin_text, float(self._sandbox._owner.stream_timeout_s))
+
+    async def poll(self) -> bool:
+        """Fetch new output; True once the exit code is known (and all output was read)."""
+        d = q(self.dir)
+        script = (
+            f"x=$(cat {d}/exit 2>/dev/null); "
+            f"tail -c +{self._offsets['stdout'] + 1} {d}/out | base64; echo .; "
+            f'tail -c +{self._offsets["stderr"] + 1} {d}/err | base64; echo .; echo "$x"'
+        )
+        result = await self._sandbox.run_root(script)
+        lines = result.stdout.decode("ascii", errors="replace").split("\n")
+        marks = [i for i, line in enumerate(lines) if line == "."]
+        if not result.ok or len(marks) != 2:
+            raise ProviderError(
+                f"Fly: could not read the output of the command in machine {self._sandbox.id}: "
+                f"{result.stderr.decode(errors='replace').strip()}"
+            )
+        sections = ("".join(lines[: marks[0]]), "".join(lines[marks[0] + 1 : marks[1]]))
+        for stream, text in zip(("stdout", "stderr"), sections, strict=True):
+            data = base64.b64decode(text)
+            self._offsets[stream] += len(data)
+            self._channel.put(stream, data)
+        exit_text = "".join(lines[marks[1] + 1 :]).strip()
+        if exit_text:
+            self._channel.finish(int(exit_text))
+            return True
+        return False
+
+    async def poll_until_exit(self) -> None:
+        try:
+            # Polling is the only way to follow a command through Fly's exec (see the class docstring).
+            while not await self.poll():  # noqa: ASYNC110
+                await anyio.sleep(self._poll_interval_s)
         except Exception as exc:
             self._channel.finish(-1, exc)
-            return
-        self._channel.put("stdout", str(body.get("stdout") or "").encode("utf-8"))
-        self._channel.put("stderr", str(body.get("stderr") or "").encode("utf-8"))
-        self._channel.finish(_exit_code(body))
 
     async def __aiter__(self) -> AsyncIterator[OutputChunk]:
-        self._start()
         async for chunk in self._channel.chunks():
             yield chunk
 
     async def send_stdin(self, data: bytes) -> None:
         if self._stdin_closed:
-            raise ConflictError(
-                "Fly exec takes stdin only before the command starts (it is one string in the exec call); "
-                "send all stdin before close_stdin() or reading output"
-            )
-        self._stdin.extend(data)
+            raise ProviderError("stdin is already closed")
+        d = q(self.dir)
+        result = await self._sandbox.run_root(
+            f"base64 -d > {d}/in", stdin=base64.b64encode(data).decode("ascii"), timeout_s=SIGNAL_TIMEOUT_S
+        )
+        if not result.ok:
+            raise ProviderError(f"Fly: writing stdin in machine {self._sandbox.id} failed")
 
     async def close_stdin(self) -> None:
-        self._start()
+        if self._stdin_closed:
+            return
+        self._stdin_closed = True
+        await self._sandbox.run_root(f'kill "$(cat {q(self.dir)}/holder)" 2>/dev/null; exit 0')
 
     async def signal(self, signum: int = _signal.SIGTERM) -> None:
         if self._channel.finished.is_set():
             return
-        if not self._started:
-            # Signalled before it ran: it never runs, and ends as if killed by that signal.
-            self._stdin_closed = True
-            self._channel.finish(128 + signum)
-            return
-        pidfile = q(self._pidfile)
+        pid = f"{q(self.dir)}/pid"
         # The pid file is written first thing by the wrapper; wait for it a bounded while.
         script = (
-            f"i=0; while [ ! -s {pidfile} ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i+1)); done; "
-            f'kill -s {signal_name(signum)} "$(cat {pidfile})" 2>/dev/null; exit 0'
+            f"i=0; while [ ! -s {pid} ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i+1)); done; "
+            f'kill -s {signal_name(signum)} "$(cat {pid})" 2>/dev/null; exit 0'
         )
         with anyio.fail_after(SIGNAL_TIMEOUT_S):
-            await self._sandbox._exec_call(["/bin/sh", "-c", script], None, SIGNAL_TIMEOUT_S)
+            await self._sandbox.run_root(script, timeout_s=SIGNAL_TIMEOUT_S)
 
     async def wait(self) -> int:
-        self._start()
         return await self._channel.wait()
 
     async def terminate(self) -> None:
-        """Kill the command if it still runs and remove its pid file."""
-        if self._started and not self._channel.finished.is_set():
-            try:
-                await self.signal(_signal.SIGKILL)
-            except (ProviderError, TimeoutError):
-                pass
-        if self._started:
-            try:
-                await self._sandbox._exec_call(["/bin/sh", "-c", f"rm -f {q(self._pidfile)}"], None, 30.0)
-            except (ProviderError, TimeoutError):
-                pass
-
-
+        """Kill the command if it still runs, end the FIFO holder, remove the files."""
+        d = q(self.dir)
+        kill = "" if self._channel.finished.is_set() else f'[ -s {d}/pid ] && kill -9 "$(cat {d}/pid)" 2>/dev/null; '
+        try:
+            await self._sandbox.run_root(f'{kill}kill "$(cat {d}/holder)" 2>/dev/null; rm -rf {d}; exit 0')
+        except (ProviderError, TimeoutError):
+            pass
