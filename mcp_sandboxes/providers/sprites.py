@@ -47,7 +47,13 @@ import httpx
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
-from mcp_sandboxes.errors import InvalidInputError, NotFoundError, ProviderError, ProviderUnavailableError
+from mcp_sandboxes.errors import (
+    InvalidInputError,
+    NotFoundError,
+    ProviderError,
+    ProviderUnavailableError,
+    SandboxGoneError,
+)
 from mcp_sandboxes.providers._remote_http import (
     DEFAULT_CONNECT_TIMEOUT_S,
     RemoteApiError,
@@ -272,6 +278,8 @@ class SpritesSandbox:
             )
         except InvalidStatus as exc:
             response = httpx.Response(exc.response.status_code, content=bytes(exc.response.body or b""))
+            if response.status_code == 404:
+                raise SandboxGoneError(f"sprite {self.id} no longer exists") from None
             raise api.status_error("WS", f"/v1/sprites/{self.id}/exec", response) from None
         except (OSError, InvalidHandshake, TimeoutError) as exc:
             raise ProviderUnavailableError(
@@ -307,7 +315,10 @@ class SpritesSandbox:
             except TimeoutError:
                 with anyio.CancelScope(shield=True), anyio.move_on_after(CLEANUP_TIMEOUT_S):
                     await connection.signal(_signal.SIGKILL)
-                raise TimeoutError(f"Sprites: the command in sprite {self.id} ran longer than {timeout:g}s") from None
+                raise ProviderError(
+                    f"Sprites: the command in sprite {self.id} did not finish within {timeout:g}s (timed out); "
+                    "it was killed"
+                ) from None
         async for chunk in connection.channel.chunks():
             (stdout if chunk.stream == "stdout" else stderr).extend(chunk.data)
         return ExecResult(code, bytes(stdout), bytes(stderr))

@@ -49,7 +49,7 @@ import anyio
 import anyio.abc
 import httpx
 
-from mcp_sandboxes.errors import ConflictError, NotFoundError, ProviderError
+from mcp_sandboxes.errors import NotFoundError, ProviderError, SandboxGoneError
 from mcp_sandboxes.providers._remote_http import (
     RemoteApiError,
     RemoteNotFoundError,
@@ -60,6 +60,7 @@ from mcp_sandboxes.providers._remote_shell import (
     SHELL,
     OutputChannel,
     as_user,
+    captured,
     inner_script,
     q,
     reject_unsupported,
@@ -320,7 +321,12 @@ class VercelSandbox:
         }
 
     async def start_command(self, body: Mapping[str, Any]) -> str:
-        response = await self._owner.api.request("POST", self.session_path("/cmd"), json=dict(body))
+        try:
+            response = await self._owner.api.request("POST", self.session_path("/cmd"), json=dict(body))
+        except RemoteApiError as exc:
+            if exc.status in (404, 410):
+                raise SandboxGoneError(f"Vercel sandbox {self.id} no longer runs ({exc})") from None
+            raise
         return str(response.json()["command"]["id"])
 
     async def read_logs(self, command_id: str, channel: OutputChannel) -> None:
@@ -355,35 +361,35 @@ class VercelSandbox:
             if exc.status not in (404, 410):  # already ended: nothing to signal
                 raise
 
-    async def _collect(self, command_id: str) -> tuple[int, OutputChannel]:
-        channel = OutputChannel()
-        await self.read_logs(command_id, channel)
-        code = await self.wait_command(command_id)
-        channel.finish(code)
-        return code, channel
-
-    async def _run(self, body: Mapping[str, Any], limit_s: float | None) -> ExecResult:
-        command_id = await self.start_command(body)
-        stdout = bytearray()
-        stderr = bytearray()
+    async def _finish(self, command_id: str, limit_s: float | None) -> int:
+        """Wait for the command's exit code; past `limit_s` kill it and raise."""
         try:
             with anyio.fail_after(limit_s):
-                code, channel = await self._collect(command_id)
+                return await self.wait_command(command_id)
         except TimeoutError:
             with anyio.CancelScope(shield=True), anyio.move_on_after(CLEANUP_TIMEOUT_S):
                 await self.kill_command(command_id, _signal.SIGKILL)
-            raise TimeoutError(f"Vercel: the command in sandbox {self.id} ran longer than {limit_s:g}s") from None
-        async for chunk in channel.chunks():
-            (stdout if chunk.stream == "stdout" else stderr).extend(chunk.data)
-        return ExecResult(code, bytes(stdout), bytes(stderr))
+            raise ProviderError(
+                f"Vercel: the command in sandbox {self.id} did not finish within {limit_s:g}s (timed out); "
+                "it was killed"
+            ) from None
 
     async def run_script(self, script: str, *, sudo: bool, cwd: str | None = None) -> ExecResult:
+        """A helper script; its output comes from the logs (text)."""
         body = {"command": SHELL, "args": ["-c", script], "cwd": cwd or self.spec.workdir, "env": {}, "sudo": sudo}
-        return await self._run(body, DEFAULT_FILE_TIMEOUT_S)
+        command_id = await self.start_command(body)
+        channel = OutputChannel()
+        with anyio.fail_after(DEFAULT_FILE_TIMEOUT_S):
+            await self.read_logs(command_id, channel)
+        channel.finish(await self._finish(command_id, DEFAULT_FILE_TIMEOUT_S))
+        stdout, stderr = bytearray(), bytearray()
+        async for chunk in channel.chunks():
+            (stdout if chunk.stream == "stdout" else stderr).extend(chunk.data)
+        return ExecResult(await channel.wait(), bytes(stdout), bytes(stderr))
 
     async def stage_stdin(self, data: bytes) -> str:
         path = f"/tmp/.mcp-sandboxes-{secrets.token_hex(8)}.stdin"
-        await self._write(path, data, 0o600)
+        await self._write(path, data, 0o644)
         return path
 
     async def exec(
@@ -396,21 +402,30 @@ class VercelSandbox:
         user: str | None = None,
         timeout: float | None = DEFAULT_EXEC_TIMEOUT_S,  # noqa: ASYNC109 - the Sandbox protocol's parameter
     ) -> ExecResult:
-        stdin_file = await self.stage_stdin(stdin) if stdin else None
+        stdin_file = await self.stage_stdin(stdin) if stdin is not None else None
+        # Output goes to files read back with fs/read: the logs carry JSON strings, not bytes.
+        capture = f"/tmp/.mcp-sandboxes-{secrets.token_hex(8)}"
         try:
             body = self._request(argv, env=env, cwd=cwd, user=user, stdin_file=stdin_file)
-            if stdin_file:
-                # The file is written by the default user; another user must still be able to read it.
-                body["args"] = ["-c", f"chmod 644 {q(stdin_file)} 2>/dev/null; {body['args'][1]}"]
-            return await self._run(body, timeout)
+            body["args"] = ["-c", captured(body["args"][1], capture)]
+            command_id = await self.start_command(body)
+            code = await self._finish(command_id, timeout)
+            stdout = await self._read_optional(f"{capture}/o")
+            stderr = await self._read_optional(f"{capture}/e")
         finally:
-            if stdin_file:
-                with anyio.CancelScope(shield=True), anyio.move_on_after(CLEANUP_TIMEOUT_S):
-                    await self._cleanup(stdin_file)
+            with anyio.CancelScope(shield=True), anyio.move_on_after(CLEANUP_TIMEOUT_S):
+                await self._cleanup(" ".join(p for p in (capture, stdin_file) if p))
+        return ExecResult(code, stdout, stderr)
 
-    async def _cleanup(self, path: str) -> None:
+    async def _read_optional(self, path: str) -> bytes:
         try:
-            await self.run_script(f"rm -f {q(path)}", sudo=True, cwd="/")
+            return await self.get_file(path)
+        except NotFoundError:
+            return b""
+
+    async def _cleanup(self, paths: str) -> None:
+        try:
+            await self.run_script(f"rm -rf {' '.join(q(p) for p in paths.split())}", sudo=True, cwd="/")
         except (ProviderError, TimeoutError):
             pass
 
@@ -423,9 +438,11 @@ class VercelSandbox:
         cwd: str | None = None,
         user: str | None = None,
     ) -> AsyncIterator[VercelProcess]:
-        process = VercelProcess(self, argv, env=env, cwd=cwd, user=user)
+        process = VercelProcess(self)
+        body = self._request(argv, env=env, cwd=cwd, user=user, stdin_file=None)
+        await process.start(body)
         async with anyio.create_task_group() as tg:
-            process.task_group = tg
+            tg.start_soon(process.follow)
             try:
                 yield process
             finally:
@@ -474,94 +491,94 @@ class VercelSandbox:
 
 
 class VercelProcess:
-    """A Vercel command whose output is streamed from the logs endpoint (see module docs for stdin)."""
+    """A Vercel command with streamed output (the logs endpoint) and stdin through a FIFO.
 
-    def __init__(
-        self,
-        sandbox: VercelSandbox,
-        argv: list[str],
-        *,
-        env: dict[str, str] | None,
-        cwd: str | None,
-        user: str | None,
-    ) -> None:
+    Vercel commands have no stdin, so the command is started reading a FIFO in a private
+    directory, kept open by a holder process until `close_stdin()`; each `send_stdin`
+    writes its bytes to a file (fs/write) and runs a short command that copies them into
+    the FIFO. Signals use the kill endpoint.
+    """
+
+    def __init__(self, sandbox: VercelSandbox) -> None:
         self._sandbox = sandbox
-        self._argv = argv
-        self._env = env
-        self._cwd = cwd
-        self._user = user
-        self._stdin = bytearray()
-        self._stdin_closed = False
-        self._started = False
+        self.dir = f"/tmp/.mcp-sandboxes-{secrets.token_hex(8)}"
         self._command_id: str | None = None
-        self._stdin_file: str | None = None
-        self._started_event = anyio.Event()
+        self._stdin_closed = False
+        self._chunks_sent = 0
         self._channel = OutputChannel()
-        self.task_group: anyio.abc.TaskGroup | None = None
 
-    def _start(self) -> None:
-        if self._started or self._channel.finished.is_set():
-            return
-        self._started = True
-        self._stdin_closed = True
-        assert self.task_group is not None, "use VercelProcess through VercelSandbox.stream()"
-        self.task_group.start_soon(self._run)
+    async def start(self, body: dict[str, Any]) -> None:
+        d = q(self.dir)
+        script = (
+            f"mkdir -p {d} && mkfifo {d}/in || exit 125\n"
+            # The holder keeps a writer on the FIFO, so the command sees end of input only at close_stdin.
+            f"sleep 2147483647 <>{d}/in >/dev/null 2>&1 &\n"
+            f"echo $! > {d}/holder\n"
+            f"exec {SHELL} -c {q(body['args'][1])} <{d}/in"
+        )
+        self._command_id = await self._sandbox.start_command({**body, "args": ["-c", script]})
 
-    async def _run(self) -> None:
+    async def follow(self) -> None:
+        assert self._command_id is not None
         try:
-            if self._stdin:
-                self._stdin_file = await self._sandbox.stage_stdin(bytes(self._stdin))
-            body = self._sandbox._request(
-                self._argv, env=self._env, cwd=self._cwd, user=self._user, stdin_file=self._stdin_file
-            )
-            if self._stdin_file:
-                body["args"] = ["-c", f"chmod 644 {q(self._stdin_file)} 2>/dev/null; {body['args'][1]}"]
-            self._command_id = await self._sandbox.start_command(body)
-            self._started_event.set()
             await self._sandbox.read_logs(self._command_id, self._channel)
             code = await self._sandbox.wait_command(self._command_id)
         except Exception as exc:
-            self._started_event.set()
             self._channel.finish(-1, exc)
             return
         self._channel.finish(code)
 
     async def __aiter__(self) -> AsyncIterator[OutputChunk]:
-        self._start()
         async for chunk in self._channel.chunks():
             yield chunk
 
+    async def _helper(self, script: str) -> ExecResult:
+        return await self._sandbox.run_script(script, sudo=True, cwd="/")
+
     async def send_stdin(self, data: bytes) -> None:
         if self._stdin_closed:
-            raise ConflictError(
-                "Vercel commands have no stdin stream; this provider sends stdin as a file when the command "
-                "starts, so send all stdin before close_stdin() or reading output"
+            raise ProviderError("stdin is already closed")
+        self._chunks_sent += 1
+        chunk = f"{self.dir}.in{self._chunks_sent}"
+        await self._sandbox._write(chunk, data, 0o600)
+        d = q(self.dir)
+        result = await self._helper(
+            f"i=0; while [ ! -p {d}/in ] && [ $i -lt 200 ]; do sleep 0.05; i=$((i+1)); done; "
+            f"cat {q(chunk)} > {d}/in; c=$?; rm -f {q(chunk)}; exit $c"
+        )
+        if not result.ok:
+            raise ProviderError(
+                f"Vercel: writing stdin in sandbox {self._sandbox.id} failed: "
+                f"{result.stderr.decode(errors='replace').strip()}"
             )
-        self._stdin.extend(data)
 
     async def close_stdin(self) -> None:
-        self._start()
+        if self._stdin_closed:
+            return
+        self._stdin_closed = True
+        d = q(self.dir)
+        await self._helper(
+            f"i=0; while [ ! -s {d}/holder ] && [ $i -lt 200 ]; do sleep 0.05; i=$((i+1)); done; "
+            f'kill "$(cat {d}/holder)" 2>/dev/null; exit 0'
+        )
 
     async def signal(self, signum: int = _signal.SIGTERM) -> None:
-        if self._channel.finished.is_set():
+        if self._channel.finished.is_set() or self._command_id is None:
             return
-        if not self._started:
-            self._stdin_closed = True
-            self._channel.finish(128 + signum)
-            return
-        await self._started_event.wait()
-        if self._command_id is not None:
-            await self._sandbox.kill_command(self._command_id, signum)
+        await self._sandbox.kill_command(self._command_id, signum)
 
     async def wait(self) -> int:
-        self._start()
         return await self._channel.wait()
 
     async def terminate(self) -> None:
-        if self._started and not self._channel.finished.is_set():
+        """Kill the command if it still runs, end the FIFO holder, remove the files."""
+        if not self._channel.finished.is_set():
             try:
                 await self.signal(_signal.SIGKILL)
             except ProviderError:
                 pass
-        if self._stdin_file:
-            await self._sandbox._cleanup(self._stdin_file)
+        d = q(self.dir)
+        try:
+            await self._helper(f'kill "$(cat {d}/holder)" 2>/dev/null; rm -rf {d} {d}.in*; exit 0')
+        except (ProviderError, TimeoutError):
+            pass
