@@ -377,7 +377,7 @@ def _check_executable(machine: LocalMachine, cmd: str) -> None:
                 "invalid_argument", f"error starting process '{cmd}': fork/exec {cmd}: no such file or directory"
             )
         return
-    for directory in "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".split(":"):
+    for directory in ["/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin"]:
         if machine.resolve(f"{directory}/{cmd}").exists():
             return
     raise ConnectError(

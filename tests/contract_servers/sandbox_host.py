@@ -86,12 +86,13 @@ class LocalProcess:
 
 
 class LocalMachine:
-    def __init__(self, *, network: bool = False, home_user: str = "user") -> None:
-        self.root = Path(tempfile.mkdtemp(prefix="mcp-sbx-standin-"))
+    def __init__(self, *, network: bool = False, home_user: str = "user", root: Path | None = None) -> None:
+        self.root = root or Path(tempfile.mkdtemp(prefix="mcp-sbx-standin-"))
         self.network = network
+        self.root.mkdir(parents=True, exist_ok=True)
         for name in WRITABLE:
-            (self.root / name).mkdir()
-        (self.root / "home" / home_user).mkdir()
+            (self.root / name).mkdir(exist_ok=True)
+        (self.root / "home" / home_user).mkdir(exist_ok=True)
         self.processes: list[LocalProcess] = []
 
     def resolve(self, path: str) -> Path:
@@ -109,8 +110,11 @@ class LocalMachine:
         parts = [p for p in path.split("/") if p]
         return bool(parts) and parts[0] in WRITABLE
 
-    def _bwrap_args(self, cwd: str, env: Mapping[str, str], info_fd: int, new_session: bool) -> list[str]:
-        args = [BWRAP, "--die-with-parent", "--unshare-ipc", "--unshare-uts", "--info-fd", str(info_fd)]
+    def bwrap_args(self, cwd: str, env: Mapping[str, str], info_fd: int | None, new_session: bool) -> list[str]:
+        """The bwrap command line (up to, not including, "--" and the command)."""
+        args = [BWRAP, "--die-with-parent", "--unshare-ipc", "--unshare-uts"]
+        if info_fd is not None:
+            args += ["--info-fd", str(info_fd)]
         if new_session:
             args.append("--new-session")
         if not self.network:
@@ -146,7 +150,7 @@ class LocalMachine:
         read_fd, write_fd = os.pipe()
         try:
             process = await anyio.open_process(
-                [*self._bwrap_args(cwd, full_env, write_fd, new_session), "--", *argv],
+                [*self.bwrap_args(cwd, full_env, write_fd, new_session), "--", *argv],
                 stdin=-1,
                 stdout=-1,
                 stderr=-1,
