@@ -340,7 +340,8 @@ class AppleProcess:
         if self.output.ended:
             return
         pid = quote([self._pid_file])
-        script = f'i=0; while [ ! -s {pid} ] && [ $i -lt 200 ]; do sleep 0.05; i=$((i+1)); done; kill -{int(signum)} "$(cat {pid})"'
+        wait_for_pid = f"i=0; while [ ! -s {pid} ] && [ $i -lt 200 ]; do sleep 0.05; i=$((i+1)); done; "
+        script = wait_for_pid + f'kill -{int(signum)} "$(cat {pid})"'
         args = self._sandbox.exec_args(["sh", "-c", script], env=None, cwd="/", user="0", stdin=False)
         result = await self._sandbox._owner.cli(args)
         if result.returncode != 0 and not self.output.ended:

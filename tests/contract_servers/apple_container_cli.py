@@ -143,7 +143,7 @@ def cmd_exec(state: Path, args: list[str]) -> int:
 
 
 def cmd_delete(state: Path, args: list[str]) -> int:
-    options, ids = parse(args, set(), {"-a", "--all", "-f", "--force", "--debug"})
+    _options, ids = parse(args, set(), {"-a", "--all", "-f", "--force", "--debug"})
     missing = []
     for container_id in ids:
         if load(state, container_id) is None:
