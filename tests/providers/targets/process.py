@@ -1,0 +1,38 @@
+"""The process provider (no isolation), with a host directory as the shared workdir: `pwd`
+must print spec.workdir, which only a real host path can do without a sandbox."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from mcp_sandboxes.providers.base import Provider, SandboxSpec
+from mcp_sandboxes.providers.process import ProcessProvider
+from tests.providers.targets import ConformanceTarget
+
+WORKDIR = Path(tempfile.gettempdir()) / "mcp-sandboxes-process-conformance"
+
+
+@asynccontextmanager
+async def open_process() -> AsyncIterator[Provider]:
+    state = Path(tempfile.mkdtemp(prefix="mcp-sbx-process-"))
+    WORKDIR.mkdir(exist_ok=True)
+    provider = ProcessProvider.from_settings({"state_dir": str(state)})
+    try:
+        yield provider
+    finally:
+        await provider.aclose()
+        shutil.rmtree(state, ignore_errors=True)
+
+
+TARGETS = [
+    ConformanceTarget(
+        name="process",
+        open_provider=open_process,
+        spec=SandboxSpec(image="host", workdir=str(WORKDIR)),
+        enforces=frozenset(),
+    ),
+]
