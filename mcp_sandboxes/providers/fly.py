@@ -245,10 +245,14 @@ class FlyProvider:
                         f"Fly: could not create workdir {spec.workdir!r} in machine {machine_id}: "
                         f"{result.stderr.decode(errors='replace').strip()}"
                     )
-        except BaseException:
+        except BaseException as exc:
             # A machine that never became usable is removed, so a failed create leaves nothing.
             with anyio.CancelScope(shield=True), anyio.move_on_after(CLEANUP_TIMEOUT_S):
                 await self.destroy(machine_id)
+            if isinstance(exc, TimeoutError):
+                raise ProviderError(
+                    f"Fly: the new machine was not ready within {self.create_timeout_s:g}s; it was removed"
+                ) from None
             raise
         return sandbox
 

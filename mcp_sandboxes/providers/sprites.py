@@ -196,9 +196,14 @@ class SpritesProvider:
                         f"Sprites: could not create workdir {spec.workdir!r} in sprite {name}: "
                         f"{result.stderr.decode(errors='replace').strip()}"
                     )
-        except BaseException:
+        except BaseException as exc:
+            # A sprite that never became usable is removed, so a failed create leaves nothing.
             with anyio.CancelScope(shield=True), anyio.move_on_after(CLEANUP_TIMEOUT_S):
                 await self.destroy(name)
+            if isinstance(exc, TimeoutError):
+                raise ProviderError(
+                    f"Sprites: the new sprite was not ready within {self.create_timeout_s:g}s; it was removed"
+                ) from None
             raise
         return sandbox
 

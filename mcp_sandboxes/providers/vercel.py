@@ -224,9 +224,14 @@ class VercelProvider:
                         f"Vercel: could not create workdir {spec.workdir!r} in sandbox {name}: "
                         f"{result.stderr.decode(errors='replace').strip()}"
                     )
-        except BaseException:
+        except BaseException as exc:
+            # A sandbox that never became usable is removed, so a failed create leaves nothing.
             with anyio.CancelScope(shield=True), anyio.move_on_after(CLEANUP_TIMEOUT_S):
                 await self.destroy(name)
+            if isinstance(exc, TimeoutError):
+                raise ProviderError(
+                    f"Vercel: the new sandbox was not ready within {self.create_timeout_s:g}s; it was removed"
+                ) from None
             raise
         return sandbox
 

@@ -1,0 +1,163 @@
+"""What is specific to the Fly Machines provider, against the loopback contract server."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import AsyncIterator
+
+import anyio
+import pytest
+
+from mcp_sandboxes.errors import InvalidInputError, ProviderError
+from mcp_sandboxes.providers.base import OWNER_LABEL, SandboxSpec
+from mcp_sandboxes.providers.fly import FlyProvider
+from tests.contract_servers.fly import FlyState, fly_server
+from tests.contract_servers.sandbox_host import LoopbackServer, bwrap_available
+
+APP = "mcp-sandboxes-remote-test"
+SPEC = SandboxSpec(image="debian:bookworm", network="host")
+STEP_S = 30.0
+
+pytestmark = pytest.mark.skipif(bwrap_available() is not None, reason=str(bwrap_available()))
+
+
+@pytest.fixture
+def token() -> str:
+    return f"fly-{secrets.token_hex(16)}"
+
+
+@pytest.fixture
+async def server(token: str) -> AsyncIterator[tuple[LoopbackServer, FlyState]]:
+    async with fly_server(token=token, app=APP) as started:
+        yield started
+
+
+def provider_for(url: str, token: str, **extra: object) -> FlyProvider:
+    return FlyProvider.from_settings({"api_url": url, "api_token": token, "app": APP, **extra})
+
+
+async def test_every_request_carries_the_bearer_token(server: tuple[LoopbackServer, FlyState], token: str) -> None:
+    loopback, state = server
+    provider = provider_for(loopback.url, token)
+    with anyio.fail_after(STEP_S):
+        sandbox = await provider.create(SPEC)
+        await sandbox.exec(["true"])
+        await provider.destroy(sandbox.id)
+    await provider.aclose()
+    assert len(state.requests) >= 4
+    assert {headers.get("authorization") for _, _, headers in state.requests} == {f"Bearer {token}"}
+
+
+async def test_a_rejected_token_gives_a_clear_error_that_never_contains_the_key(
+    server: tuple[LoopbackServer, FlyState],
+) -> None:
+    loopback, state = server
+    wrong = f"fly-wrong-{secrets.token_hex(16)}"
+    provider = provider_for(loopback.url, wrong)
+    with anyio.fail_after(STEP_S):
+        availability = await provider.check()
+        with pytest.raises(ProviderError) as raised:
+            await provider.create(SPEC)
+    await provider.aclose()
+    assert not availability.available
+    assert availability.reason is not None and "401" in availability.reason
+    assert wrong not in (availability.reason or "") + (availability.fix or "")
+    message = str(raised.value)
+    assert "401" in message and "FLY_API_TOKEN" in message
+    assert wrong not in message
+    assert state.machines == {}
+
+
+async def test_an_unreachable_api_is_unavailable_without_leaking_the_key(token: str) -> None:
+    provider = provider_for("http://127.0.0.1:9", token)
+    with anyio.fail_after(STEP_S):
+        availability = await provider.check()
+        with pytest.raises(ProviderError) as raised:
+            await provider.list_owned()
+    await provider.aclose()
+    assert not availability.available
+    assert "cannot reach" in (availability.reason or "")
+    assert token not in (availability.reason or "") and token not in str(raised.value)
+
+
+async def test_check_names_what_is_missing_and_how_to_fix_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("FLY_API_TOKEN", raising=False)
+    monkeypatch.delenv("FLY_APP_NAME", raising=False)
+    no_token = await FlyProvider.from_settings({"app": APP}).check()
+    no_app = await FlyProvider.from_settings({"api_token": "x" * 20}).check()
+    assert not no_token.available and "FLY_API_TOKEN" in (no_token.reason or "")
+    assert no_token.fix and "fly tokens create" in no_token.fix
+    assert not no_app.available and "providers.fly.app" in (no_app.reason or "") + (no_app.fix or "")
+
+
+async def test_the_token_and_app_come_from_the_environment(
+    server: tuple[LoopbackServer, FlyState], token: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    loopback, _state = server
+    monkeypatch.setenv("FLY_API_TOKEN", token)
+    monkeypatch.setenv("FLY_APP_NAME", APP)
+    provider = FlyProvider.from_settings({"api_url": loopback.url})
+    with anyio.fail_after(STEP_S):
+        assert (await provider.check()).available
+    await provider.aclose()
+
+
+async def test_destroying_an_unknown_machine_is_harmless(server: tuple[LoopbackServer, FlyState], token: str) -> None:
+    loopback, state = server
+    provider = provider_for(loopback.url, token)
+    with anyio.fail_after(STEP_S):
+        await provider.destroy("0123456789abcd")
+    await provider.aclose()
+    assert ("DELETE", f"/v1/apps/{APP}/machines/0123456789abcd", state.requests[-1][2]) == state.requests[-1]
+
+
+async def test_a_machine_that_never_starts_is_force_deleted(token: str) -> None:
+    async with fly_server(token=token, app=APP, never_start=True) as (loopback, state):
+        provider = provider_for(loopback.url, token, create_timeout_s=2.0)
+        with anyio.fail_after(STEP_S), pytest.raises(ProviderError, match=r"not ready within 2s|408"):
+            await provider.create(SPEC)
+        with anyio.fail_after(STEP_S):
+            owned = await provider.list_owned()
+        await provider.aclose()
+    assert owned == []
+    assert [m.state for m in state.machines.values()] == ["destroyed"]
+    deletes = [path for method, path, _ in state.requests if method == "DELETE"]
+    assert len(deletes) == 1
+
+
+async def test_machines_carry_the_owner_label_in_their_metadata(
+    server: tuple[LoopbackServer, FlyState], token: str
+) -> None:
+    loopback, state = server
+    provider = provider_for(loopback.url, token)
+    spec = SPEC.model_copy(update={"labels": {"team": "blue"}, "env": {"A": "1"}})
+    with anyio.fail_after(STEP_S):
+        sandbox = await provider.create(spec)
+    await provider.aclose()
+    config = state.machines[sandbox.id].config
+    assert config["metadata"][OWNER_LABEL] == "true"
+    assert config["metadata"]["team"] == "blue"
+    assert config["env"] == {"A": "1"}
+    assert config["image"] == "debian:bookworm"
+
+
+async def test_rate_limited_execs_are_retried_until_they_succeed(token: str) -> None:
+    async with fly_server(token=token, app=APP, rate_limit=True) as (loopback, state):
+        provider = provider_for(loopback.url, token)
+        with anyio.fail_after(60):
+            sandbox = await provider.create(SPEC)
+            results = [await sandbox.exec(["echo", str(i)]) for i in range(3)]
+        await provider.aclose()
+    assert [r.stdout for r in results] == [b"0\n", b"1\n", b"2\n"]
+    assert state.rate_limited > 0
+
+
+async def test_network_none_and_host_mounts_are_refused_with_the_fix() -> None:
+    provider = FlyProvider.from_settings({"api_token": "x" * 20, "app": APP})
+    with pytest.raises(InvalidInputError, match="network"):
+        await provider.create(SandboxSpec(image="debian", network="none"))
+    with pytest.raises(InvalidInputError, match="put_file"):
+        await provider.create(
+            SandboxSpec(image="debian", network="host", mounts=[{"source": "/etc", "target": "/x"}])  # type: ignore[list-item]
+        )
+    await provider.aclose()
