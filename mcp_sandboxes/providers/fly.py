@@ -74,6 +74,9 @@ from mcp_sandboxes.providers.base import (
     SandboxSpec,
 )
 
+# Kept with the sandbox so attach() after a restart runs commands where and as create() did.
+WORKDIR_LABEL = "io.mcp-sandboxes.workdir"
+USER_LABEL = "io.mcp-sandboxes.user"
 NAME = "fly"
 DEFAULT_API_URL = "https://api.machines.dev"
 # A streamed command has no caller timeout; Fly's exec still needs one.
@@ -207,7 +210,14 @@ class FlyProvider:
         return Availability(provider=NAME, available=True)
 
     def _config(self, spec: SandboxSpec, name: str) -> dict[str, Any]:
-        metadata = {**spec.labels, OWNER_LABEL: "true", SANDBOX_NAME_LABEL: spec.name or name}
+        metadata = {
+            **spec.labels,
+            OWNER_LABEL: "true",
+            SANDBOX_NAME_LABEL: spec.name or name,
+            WORKDIR_LABEL: spec.workdir,
+        }
+        if spec.user:
+            metadata[USER_LABEL] = spec.user
         config: dict[str, Any] = {
             "image": spec.image,
             "env": dict(spec.env),
@@ -274,11 +284,14 @@ class FlyProvider:
         if machine.get("state") in ("destroyed", "destroying"):
             return None
         config = machine.get("config") or {}
+        metadata = {str(k): str(v) for k, v in (config.get("metadata") or {}).items()}
         spec = SandboxSpec(
             image=str(config.get("image") or "unknown"),
             env={str(k): str(v) for k, v in (config.get("env") or {}).items()},
             network="host",
-            labels={str(k): str(v) for k, v in (config.get("metadata") or {}).items()},
+            workdir=metadata.get(WORKDIR_LABEL, "/"),
+            user=metadata.get(USER_LABEL),
+            labels=metadata,
         )
         return FlySandbox(self, sandbox_id, spec)
 

@@ -77,6 +77,9 @@ from mcp_sandboxes.providers.base import (
     SandboxSpec,
 )
 
+# Kept with the sandbox so attach() after a restart runs commands where and as create() did.
+WORKDIR_LABEL = "io.mcp-sandboxes.workdir"
+USER_LABEL = "io.mcp-sandboxes.user"
 NAME = "vercel"
 DEFAULT_API_URL = "https://api.vercel.com"
 # The sandbox's own lifetime; Vercel's default is 5 minutes, too short for an agent session.
@@ -192,7 +195,9 @@ class VercelProvider:
         reject_unsupported(spec, "Vercel", network_none=True)
         project = self._project()
         name = f"mcp-{secrets.token_hex(6)}"
-        tags = {**spec.labels, OWNER_LABEL: "true", SANDBOX_NAME_LABEL: spec.name or name}
+        tags = {**spec.labels, OWNER_LABEL: "true", SANDBOX_NAME_LABEL: spec.name or name, WORKDIR_LABEL: spec.workdir}
+        if spec.user:
+            tags[USER_LABEL] = spec.user
         body: dict[str, Any] = {
             "projectId": project,
             "name": name,
@@ -256,11 +261,13 @@ class VercelProvider:
         if session.get("status") not in ("pending", "running"):
             return None
         sandbox = body.get("sandbox") or {}
+        tags = {str(k): str(v) for k, v in (sandbox.get("tags") or {}).items()}
         spec = SandboxSpec(
             image=str(sandbox.get("runtime") or "unknown"),
             network="host",
-            workdir=str(sandbox.get("cwd") or session.get("cwd") or "/"),
-            labels={str(k): str(v) for k, v in (sandbox.get("tags") or {}).items()},
+            workdir=tags.get(WORKDIR_LABEL) or str(sandbox.get("cwd") or session.get("cwd") or "/"),
+            user=tags.get(USER_LABEL),
+            labels=tags,
         )
         return VercelSandbox(self, sandbox_id, str(session["id"]), spec)
 

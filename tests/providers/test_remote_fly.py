@@ -161,3 +161,21 @@ async def test_network_none_and_host_mounts_are_refused_with_the_fix() -> None:
             SandboxSpec(image="debian", network="host", mounts=[{"source": "/etc", "target": "/x"}])  # type: ignore[list-item]
         )
     await provider.aclose()
+
+
+async def test_attach_after_a_restart_keeps_the_workdir_and_env(
+    server: tuple[LoopbackServer, FlyState], token: str
+) -> None:
+    loopback, _state = server
+    first = provider_for(loopback.url, token)
+    spec = SPEC.model_copy(update={"workdir": "/workspace/project", "env": {"GREETING": "hi"}})
+    with anyio.fail_after(STEP_S):
+        created = await first.create(spec)
+    await first.aclose()
+    second = provider_for(loopback.url, token)  # a new process would build a new provider
+    with anyio.fail_after(STEP_S):
+        attached = await second.attach(created.id)
+        assert attached is not None
+        result = await attached.exec(["sh", "-c", 'pwd; echo "$GREETING"'])
+    await second.aclose()
+    assert result.stdout == b"/workspace/project\nhi\n"

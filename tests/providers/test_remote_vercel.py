@@ -150,3 +150,18 @@ async def test_host_mounts_are_refused_with_the_fix() -> None:
     with pytest.raises(InvalidInputError, match="put_file"):
         await provider.create(SandboxSpec(image="node24", mounts=[{"source": "/etc", "target": "/x"}]))  # type: ignore[list-item]
     await provider.aclose()
+
+
+async def test_attach_after_a_restart_keeps_the_workdir(server: tuple[LoopbackServer, VercelState], token: str) -> None:
+    loopback, _state = server
+    first = provider_for(loopback.url, token)
+    with anyio.fail_after(STEP_S):
+        created = await first.create(SPEC.model_copy(update={"workdir": "/workspace/project"}))
+    await first.aclose()
+    second = provider_for(loopback.url, token)  # a new process would build a new provider
+    with anyio.fail_after(STEP_S):
+        attached = await second.attach(created.id)
+        assert attached is not None
+        result = await attached.exec(["pwd"])
+    await second.aclose()
+    assert result.stdout == b"/workspace/project\n"
