@@ -36,6 +36,7 @@ HOLDER_COMMAND = ["/bin/sh", "-c", "read _"]
 class Holder:
     process: Process
     init_pid: int
+    init_pidfd: int
     userns_fd: int
     pidns_fd: int
     closed: bool = field(default=False)
@@ -45,13 +46,19 @@ class Holder:
         return not self.closed and self.process.returncode is None
 
     async def stop(self) -> None:
-        """Kill the holder (and with it every process of the sandbox); bounded, shielded."""
+        """Kill the holder (and with it every process of the sandbox); bounded, shielded.
+        The sandbox's init goes first, so that bwrap reaps it: killed together, the init
+        would be reparented to the host's init and could linger there as a zombie."""
         with anyio.CancelScope(shield=True):
             if not self.closed:
                 self.closed = True
-                for fd in (self.userns_fd, self.pidns_fd):
+                with contextlib.suppress(OSError):
+                    signal.pidfd_send_signal(self.init_pidfd, signal.SIGKILL)
+                for fd in (self.init_pidfd, self.userns_fd, self.pidns_fd):
                     with contextlib.suppress(OSError):
                         os.close(fd)
+                with anyio.move_on_after(HOLDER_STOP_TIMEOUT_S):
+                    await self.process.wait()
             if self.process.returncode is None:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(self.process.pid, signal.SIGKILL)
@@ -88,16 +95,24 @@ async def start_holder(command_prefix: list[str], bwrap_args: list[str], pass_fd
             detail = await _stderr_of(process)
             raise ProviderError(f"bwrap could not start the sandbox: {detail or 'no reason given'}")
         try:
-            userns_fd = os.open(f"/proc/{init_pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+            # A pidfd names exactly this process for as long as we hold it; namespace fds pin
+            # exactly these namespaces (a /proc/PID path could name a reused pid later).
+            init_pidfd = os.pidfd_open(init_pid)
+            opened = [init_pidfd]
             try:
-                pidns_fd = os.open(f"/proc/{init_pid}/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+                opened.append(os.open(f"/proc/{init_pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC))
+                opened.append(os.open(f"/proc/{init_pid}/ns/pid", os.O_RDONLY | os.O_CLOEXEC))
             except BaseException:
-                os.close(userns_fd)
+                for fd in opened:
+                    os.close(fd)
                 raise
         except OSError as exc:
             detail = await _stderr_of(process)
             raise ProviderError(f"the sandbox's holder ended while starting: {detail or exc}") from exc
-        holder = Holder(process=process, init_pid=init_pid, userns_fd=userns_fd, pidns_fd=pidns_fd)
+        userns_fd, pidns_fd = opened[1], opened[2]
+        holder = Holder(
+            process=process, init_pid=init_pid, init_pidfd=init_pidfd, userns_fd=userns_fd, pidns_fd=pidns_fd
+        )
         process = None  # owned by the holder now
         return holder
     except TimeoutError as exc:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 
 from mcp_sandboxes.providers._bwrap_limits import probe_limiter
@@ -31,7 +31,7 @@ def _rootfs_missing() -> str | None:
     return _bwrap_missing()
 
 
-def open_bubblewrap(settings: dict[str, object]) -> Callable[[], AsyncIterator[Provider]]:
+def open_bubblewrap(settings: dict[str, object]) -> Callable[[], AbstractAsyncContextManager[Provider]]:
     @asynccontextmanager
     async def opened() -> AsyncIterator[Provider]:
         state = Path(tempfile.mkdtemp(prefix="mcp-sbx-bwrap-"))
