@@ -108,9 +108,9 @@ def reject_unsupported(spec: SandboxSpec, provider: str, *, network_none: bool) 
 class OutputChannel:
     """Chunks from a remote process, in arrival order, plus its exit code.
 
-    The buffer is unbounded on purpose: the vendor keeps producing output whether or not
-    we read it (none of these APIs has flow control back to the process), so holding
-    back here would only stall the reader of the exit code, not the process.
+    The buffer is unbounded on purpose: Fly and Vercel keep output on their side and run
+    the process whether or not we read, so holding back here would only keep a caller who
+    waits for the exit code without reading from ever seeing it.
     """
 
     def __init__(self) -> None:

@@ -16,20 +16,20 @@ Vendor documentation followed (public Machines API reference and its OpenAPI spe
 - https://fly.io/docs/machines/api/apps-resource/ : GET /v1/apps/{app} (used by check()).
 
 What the API does not offer, and what this module does instead:
-- Exec is not streamed: the call returns when the command ends. `stream()` therefore
-  yields all stdout, then all stderr, when the command has finished; the relative
-  order of stdout and stderr lines is lost. Stdin is a single string sent with the
-  call, so `send_stdin` data is held until `close_stdin()` (or the first read, wait or
-  signal), and then the command starts with it. Stdin sent after that is refused.
 - Exec has no cwd, env or user and no signal endpoint for an exec'd process: the
   command is wrapped in `/bin/sh -c` (see `_remote_shell`) which does the cd, env and
-  `su`, and which records its pid in a file; `signal()` runs `kill` through a second
-  exec. Children of the command are not signalled.
-- stdout/stderr come back as JSON strings, so output that is not UTF-8 is not
-  byte-exact. Files do not go through that: put_file/get_file move base64 text
-  (`base64 -d` / `base64`) and are binary safe.
-- There is no filesystem API and no network switch: `network='none'` and host mounts
-  are refused with an error that says so.
+  `su`. Children of a command are not signalled.
+- stdout/stderr come back as JSON strings, which cannot carry bytes that are not UTF-8.
+  `exec()` therefore sends the command's output to files in the machine and reads them
+  back as base64 with a second exec (byte-exact); binary stdin travels as base64 too.
+- Exec is not streamed: it returns when the command ends. `stream()` starts the command
+  detached (stdin from a FIFO, output, pid and exit code to files) and follows it with
+  one exec per poll interval (`poll_interval_s`, default 1 s, within Fly's documented
+  1 request/s per action per Machine; 429 answers are retried). Output therefore
+  arrives up to one interval late. `send_stdin` writes into the FIFO, `close_stdin`
+  ends the process holding it open, `signal` runs `kill` on the recorded pid.
+- There is no filesystem API: put_file/get_file move base64 through exec. There is no
+  network switch: `network='none'` and host mounts are refused with an error saying so.
 """
 
 from __future__ import annotations

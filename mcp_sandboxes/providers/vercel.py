@@ -21,12 +21,12 @@ wire calls of the official `@vercel/sandbox` SDK, packages/vercel-sandbox/src/ap
   .../read-a-file (POST .../fs/read `{path}` -> `application/octet-stream`, 404 if absent).
 
 What the API does not offer, and what this module does instead:
-- A command has no stdin. `exec(stdin=...)` first writes the bytes to a file in the
-  sandbox with fs/write and runs the command with `< file`. `stream()` holds
-  `send_stdin` data until `close_stdin()` (or the first read, wait or signal) and then
-  starts the command the same way; stdin sent after that is refused. Output is really
-  streamed (the logs endpoint), but it comes as JSON strings: output that is not UTF-8
-  is not byte-exact. Files are (fs/read, fs/write).
+- A command has no stdin, and its logs are JSON strings. `exec()` writes stdin to a file
+  with fs/write and runs the command with `< file`; its output goes to files that are
+  read back with fs/read, so it is byte-exact. `stream()` output is really streamed from
+  the logs endpoint, as text (bytes that are not UTF-8 are replaced); its stdin is a FIFO
+  in the sandbox, held open until `close_stdin()`, fed by one fs/write plus one short
+  command per `send_stdin`.
 - Commands run as the image's default user, or as root with `sudo`. Other users are
   reached with `su` from root (see `_remote_shell`).
 - `network='none'` maps to the documented `networkPolicy {"mode": "deny-all"}`.
