@@ -151,6 +151,52 @@ def root_args(root: RootFs, targets: list[str]) -> list[str]:
         if name in _SKIPPED:
             continue
         args += _entry_args(Path(root.path) / name, "/" + name, wanted)
+    if root.is_host:
+        args += _mask_args(_private_host_paths(Path(root.path) / "etc"), root.path)
+    return args
+
+
+def _private_host_paths(top: Path) -> list[Path]:
+    """What the host keeps from other users under `top` (not world-readable: /etc/shadow,
+    /etc/ssl/private, a daemon's key file). The sandbox's one uid may be the server's, even
+    root, and would otherwise read them as their owner; the sandbox is "other"."""
+    hidden: list[Path] = []
+    for directory, subdirectories, files in os.walk(top):
+        kept: list[str] = []
+        for name in subdirectories:
+            path = Path(directory) / name
+            if path.is_symlink():
+                continue
+            if _private(path, directory=True):
+                hidden.append(path)
+            else:
+                kept.append(name)
+        subdirectories[:] = kept  # nothing below a hidden directory needs a mask of its own
+        hidden.extend(Path(directory) / name for name in files if _private(Path(directory) / name, directory=False))
+    return sorted(hidden)
+
+
+def _private(path: Path, *, directory: bool) -> bool:
+    try:
+        info = path.lstat()
+    except OSError:
+        return False
+    if stat.S_ISLNK(info.st_mode):
+        return False
+    needed = stat.S_IROTH | (stat.S_IXOTH if directory else 0)
+    return info.st_mode & needed != needed
+
+
+def _mask_args(paths: list[Path], root: str) -> list[str]:
+    """An empty read-only tmpfs over each hidden directory, /dev/null (unopenable: binds are
+    nodev) over each hidden file."""
+    args: list[str] = []
+    for path in paths:
+        inside = "/" + str(path.relative_to(root)).lstrip("/")
+        if path.is_dir():
+            args += ["--perms", "0000", "--tmpfs", inside, "--remount-ro", inside]
+        else:
+            args += ["--ro-bind", "/dev/null", inside]
     return args
 
 

@@ -10,7 +10,8 @@ commands and background processes live on until the sandbox is destroyed, as in 
 container. Network "none" gives each command its own network namespace with only `lo`
 (loopback is not shared between commands); "host" shares the host's network.
 
-Image: `host` binds the host's /usr, /bin, /sbin, /lib*, /etc read-only; an absolute path
+Image: `host` binds the host's /usr, /bin, /sbin, /lib*, /etc read-only (files under /etc
+that the host keeps from other users, like /etc/shadow, are masked); an absolute path
 is a root directory (e.g. a debootstrap tree) bound read-only; a name found in the `images`
 table maps to such a directory (or "host"); any other name uses the `rootfs` setting (the
 host when empty). `/` is a tmpfs made read-only after the binds: writable are only the

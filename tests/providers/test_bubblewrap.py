@@ -137,6 +137,23 @@ async def test_the_host_outside_the_binds_is_neither_visible_nor_writable(
     assert not (await anyio.Path("/usr/x").exists() or await anyio.Path("/etc/x").exists())
 
 
+async def test_what_the_host_keeps_from_other_users_stays_hidden(provider: BubblewrapProvider) -> None:
+    shadow = anyio.Path("/etc/shadow")
+    mode = (await shadow.stat()).st_mode
+    assert not mode & 0o004, "this test needs a host /etc/shadow that is not world-readable"
+    async with sandbox_of(provider, HOST.model_copy(update={"user": "agent"})) as sandbox:
+        with anyio.fail_after(STEP_S):
+            as_command = await sandbox.exec(["cat", "/etc/shadow"])
+            listing = await sandbox.exec(["ls", "/etc/ssl/private"])
+            with pytest.raises(InvalidInputError, match="Permission denied"):
+                await sandbox.get_file("/etc/shadow")
+            readable = await run(sandbox, "head -c 4 /etc/os-release")
+    assert not as_command.ok and b"Permission denied" in as_command.stderr
+    assert b"root:" not in as_command.stdout
+    assert not listing.ok or listing.stdout == b""
+    assert len(readable) == 4
+
+
 async def test_the_pid_namespace_holds_only_the_sandbox_and_is_shared_between_commands(
     provider: BubblewrapProvider,
 ) -> None:
