@@ -296,7 +296,7 @@ class BubblewrapProvider:
             "spec": spec.model_dump(mode="json"),
             "labels": {**spec.labels, OWNER_LABEL: "true", SANDBOX_NAME_LABEL: spec.name or sandbox_id},
             "root": {"path": root.path, "entries": list(root.entries) if root.entries is not None else None},
-            "user": {"uid": user.uid, "gid": user.gid, "home": _home_of(user, spec.workdir)},
+            "user": {"uid": user.uid, "gid": user.gid, "home": _home_of(user)},
             "cgroups": [],
         }
         write_metadata(dirs, metadata)
@@ -317,10 +317,11 @@ class BubblewrapProvider:
         binds: list[tuple[str, list[str]]] = [
             ("/tmp", ["--bind", str(dirs.tmp), "/tmp"]),
             (spec.workdir, ["--bind", str(dirs.workspace), spec.workdir]),
-            (home, ["--bind", str(dirs.home), home]),
             ("/etc/passwd", ["--ro-bind", str(dirs.etc / "passwd"), "/etc/passwd"]),
             ("/etc/group", ["--ro-bind", str(dirs.etc / "group"), "/etc/group"]),
         ]
+        if posixpath.normpath(home) != posixpath.normpath(spec.workdir):
+            binds.append((home, ["--bind", str(dirs.home), home]))
         for controller, directory in cgroups:
             inside = posixpath.join("/sys/fs/cgroup", controller) if controller else "/sys/fs/cgroup"
             binds.append((inside, ["--ro-bind", directory, inside]))
@@ -617,12 +618,12 @@ class BubblewrapSandbox:
 _EXEC_SHIM = ["/bin/sh", "-c", 'exec "$@"', "sh"]
 
 
-def _home_of(user: rootfs.UserEntry, workdir: str) -> str:
+def _home_of(user: rootfs.UserEntry) -> str:
     """Where the sandbox's own home is bound: the user's home, unless that is no place for a
-    private directory (`/` for an unknown uid, or the workspace itself)."""
+    private directory (`/` for an unknown uid). A home equal to the workdir is the workspace."""
     home = posixpath.normpath(user.home)
-    if home in ("/", "/tmp", "/proc", "/dev", "/sys", "/etc", posixpath.normpath(workdir)) or not home.startswith("/"):
-        return "/root" if user.uid == 0 else f"/home/{user.name}"
+    if home in ("/", "/tmp", "/proc", "/dev", "/sys", "/etc") or not home.startswith("/"):
+        home = "/root" if user.uid == 0 else f"/home/{user.name}"
     return home
 
 
