@@ -112,7 +112,7 @@ class Sandbox(Protocol):
         env: dict[str, str] | None = None,
         cwd: str | None = None,
         user: str | None = None,
-        timeout: float | None = DEFAULT_EXEC_TIMEOUT_S,
+        timeout: float | None = DEFAULT_EXEC_TIMEOUT_S,  # noqa: ASYNC109 - a per-command limit the engine enforces
     ) -> ExecResult: ...
 
     def stream(

@@ -1,0 +1,3 @@
+from mcp_sandboxes.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,543 @@
+"""The orchestrator: one object that owns the database, the provider pool, the event bus
+and one worker task per live session. The MCP layer talks only to this."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Self
+
+import anyio
+from anyio.abc import TaskGroup
+
+from mcp_sandboxes.backends.base import AgentSpec, Backend, Turn, TurnResult
+from mcp_sandboxes.backends.registry import backend_names, build_backend
+from mcp_sandboxes.config import Settings
+from mcp_sandboxes.errors import ConflictError, InvalidInputError, McpSandboxesError, NotFoundError
+from mcp_sandboxes.events import (
+    ErrorInfo,
+    Event,
+    SandboxDestroyed,
+    SandboxProvisioned,
+    SessionError,
+    SessionStatusIdle,
+    SessionStatusRunning,
+    SessionStatusTerminated,
+    StopReason,
+    TextBlock,
+    UserInterrupt,
+    UserMessage,
+)
+from mcp_sandboxes.orchestrator.bus import EventBus, SessionChanged
+from mcp_sandboxes.orchestrator.environments import EnvironmentRequest, EnvironmentService
+from mcp_sandboxes.orchestrator.providers import ProviderPool
+from mcp_sandboxes.orchestrator.runner import RunningTurn, run_turn
+from mcp_sandboxes.orchestrator.views import EnvironmentView, EventsPage, EventView, SessionView, TurnView
+from mcp_sandboxes.providers.base import Sandbox
+from mcp_sandboxes.store import Database, SessionRecord
+from mcp_sandboxes.store.database import utc_now
+from mcp_sandboxes.store.records import LIVE_STATUSES, SessionStatus, TurnRecord
+
+logger = logging.getLogger(__name__)
+
+SETUP_COMMAND_TIMEOUT_S = 600.0
+DESTROY_TIMEOUT_S = 60.0
+DEFAULT_TURN_TIMEOUT_S = 3600.0
+TRANSCRIPT_URI = "sandboxes://sessions/{session_id}/transcript"
+
+
+@dataclass
+class SessionWorker:
+    """The in-memory side of a live session: its sandbox, backend and turn queue signal."""
+
+    session_id: str
+    sandbox: Sandbox
+    backend: Backend
+    wake: anyio.Event = field(default_factory=anyio.Event)
+    current: RunningTurn | None = None
+    turn_done: dict[int, anyio.Event] = field(default_factory=dict)
+    scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
+    stopping: bool = False
+    exited: anyio.Event = field(default_factory=anyio.Event)
+
+
+class Orchestrator:
+    def __init__(self, settings: Settings, environ: Mapping[str, str] | None = None) -> None:
+        self.settings = settings
+        self._environ = dict(os.environ if environ is None else environ)
+        self.db = Database(settings.database_path)
+        self.providers = ProviderPool(settings)
+        self.environments = EnvironmentService(self.db, self.providers)
+        self.bus = EventBus()
+        self._backends: dict[str, Backend] = {}
+        self._workers: dict[str, SessionWorker] = {}
+        self._task_group: TaskGroup | None = None
+        self.turn_timeout_s = float(self._environ.get("MCP_SANDBOXES_TURN_TIMEOUT_S", DEFAULT_TURN_TIMEOUT_S))
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def running(self) -> AsyncIterator[Self]:
+        """Open the store, reattach live sessions, run their workers; on exit stop the workers
+        (sandboxes stay: sessions survive a server restart) and close everything."""
+        await self.db.open()
+        try:
+            async with anyio.create_task_group() as task_group:
+                self._task_group = task_group
+                try:
+                    await self._recover()
+                    yield self
+                finally:
+                    task_group.cancel_scope.cancel()
+        finally:
+            self._task_group = None
+            with anyio.CancelScope(shield=True):
+                self.bus.close()
+                await self.providers.aclose()
+                await self.db.aclose()
+
+    def _spawn(self, worker: SessionWorker) -> None:
+        if self._task_group is None:
+            raise McpSandboxesError("the orchestrator is not running")
+        self._workers[worker.session_id] = worker
+        self._task_group.start_soon(self._work, worker, name=f"session-{worker.session_id}")
+
+    async def _recover(self) -> None:
+        """After a restart: reattach live sessions' sandboxes, close turns cut off mid-way."""
+        for session in await self.db.list_sessions(LIVE_STATUSES):
+            for turn in await self.db.list_turns(session.id, "running"):
+                await self.db.finish_turn(
+                    session.id,
+                    turn.idx,
+                    status="failed",
+                    stop_reason="error",
+                    final_text=None,
+                    error="the server restarted during this turn",
+                    usage=None,
+                )
+                await self._emit(
+                    session.id,
+                    [
+                        SessionError(
+                            error=ErrorInfo(type="server_restarted", message="the server restarted during this turn")
+                        ),
+                        SessionStatusIdle(stop_reason=StopReason(type="error")),
+                    ],
+                )
+            sandbox: Sandbox | None = None
+            env = await self.db.find_environment(session.environment_id)
+            try:
+                if env is not None and session.sandbox_id:
+                    provider = await self.providers.get(env.provider)
+                    sandbox = await provider.attach(session.sandbox_id)
+                backend = self._backend(session.backend)
+            except McpSandboxesError as exc:
+                logger.warning("session %s cannot be resumed: %s", session.id, exc)
+                sandbox = None
+            if sandbox is None:
+                await self._fail(session.id, "its sandbox no longer exists (removed while the server was down)")
+                continue
+            await self.db.update_session(session.id, status="idle")
+            self._spawn(SessionWorker(session_id=session.id, sandbox=sandbox, backend=backend))
+
+    # -- events ----------------------------------------------------------------------------
+
+    async def _emit(self, session_id: str, events: Sequence[Event], *, status_changed: bool = False) -> None:
+        if not events:
+            return
+        records = await self.db.append_events(session_id, events)
+        self.bus.publish(SessionChanged(session_id, records[-1].seq, status_changed))
+
+    async def _set_status(self, session_id: str, status: SessionStatus, **fields: object) -> None:
+        await self.db.update_session(session_id, status=status, **fields)
+
+    async def _fail(self, session_id: str, reason: str) -> None:
+        await self._set_status(session_id, "failed", last_error=reason, stop_reason="error")
+        await self._emit(
+            session_id,
+            [
+                SessionError(error=ErrorInfo(type="session_failed", message=reason)),
+                SessionStatusTerminated(reason=reason),
+            ],
+            status_changed=True,
+        )
+
+    # -- environments -----------------------------------------------------------------------
+
+    async def create_environment(self, request: EnvironmentRequest) -> EnvironmentView:
+        return await self.environments.create(request)
+
+    async def list_environments(self) -> list[EnvironmentView]:
+        return await self.environments.list_all()
+
+    async def delete_environment(self, id_or_name: str, *, force: bool = False) -> EnvironmentView:
+        record = await self.environments.get(id_or_name)
+        view = await self.environments.view(record)
+        live = await self.environments.live_session_ids(record)
+        if live and not force:
+            raise ConflictError(
+                f"environment: {record.name!r} is used by live sessions {', '.join(live)}; stop them first"
+                " (stop_session) or pass force=true to stop them and delete"
+            )
+        for session_id in live:
+            await self.stop_session(session_id)
+        await self.db.delete_environment(record.id)
+        return view
+
+    # -- sessions ----------------------------------------------------------------------------
+
+    def _backend(self, name: str) -> Backend:
+        if name not in self._backends:
+            if name not in backend_names():
+                raise InvalidInputError(
+                    "backend", f"unknown backend {name!r}; use one of: {', '.join(backend_names())}"
+                )
+            self._backends[name] = build_backend(name, self.settings.backend(name), self._environ)
+        return self._backends[name]
+
+    async def spawn_agent(
+        self,
+        *,
+        environment: str,
+        agent: AgentSpec,
+        prompt: str,
+        parent_session_id: str | None = None,
+    ) -> SessionView:
+        """Provision the sandbox, then record the session; a failure at any step leaves nothing behind."""
+        if not prompt.strip():
+            raise InvalidInputError("prompt", "is empty; say what the agent should do")
+        env = await self.environments.get(environment)
+        backend = self._backend(agent.backend)
+        provider = await self.providers.get(env.provider)
+        session_id = f"ses_{uuid.uuid4().hex[:20]}"
+        user = self.settings.server.sandbox_user
+        spec = env.spec.model_copy(
+            update={
+                "name": f"mcp-sandboxes-{session_id}",
+                "mounts": [*env.spec.mounts, *backend.mounts()],
+                "labels": {**env.spec.labels, "io.mcp-sandboxes.session": session_id},
+                "user": env.spec.user or user,
+            }
+        )
+        started = time.monotonic()
+        sandbox = await provider.create(spec)
+        try:
+            await self._run_setup(sandbox, env.setup_commands)
+            await backend.prepare(sandbox, agent, home=self.settings.server.sandbox_home, user=spec.user)
+            now = utc_now()
+            await self.db.insert_session(
+                SessionRecord(
+                    id=session_id,
+                    environment_id=env.id,
+                    parent_session_id=parent_session_id,
+                    backend=agent.backend,
+                    agent=agent,
+                    status="starting",
+                    sandbox_id=sandbox.id,
+                    created_at=now,
+                    updated_at=now,
+                ),
+                prompt,
+            )
+        except BaseException:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(DESTROY_TIMEOUT_S):
+                await provider.destroy(sandbox.id)
+            raise
+        await self._emit(
+            session_id,
+            [
+                SandboxProvisioned(
+                    provider=env.provider,
+                    sandbox_id=sandbox.id,
+                    duration_ms=int((time.monotonic() - started) * 1000),
+                )
+            ],
+        )
+        self._spawn(SessionWorker(session_id=session_id, sandbox=sandbox, backend=backend))
+        return await self.get_session(session_id)
+
+    async def _run_setup(self, sandbox: Sandbox, commands: list[str]) -> None:
+        for index, command in enumerate(commands):
+            # Setup runs as root: it typically installs packages the agent user then uses.
+            result = await sandbox.exec(["sh", "-c", command], user="0", timeout=SETUP_COMMAND_TIMEOUT_S)
+            if not result.ok:
+                tail = (result.stderr or result.stdout).decode("utf-8", "replace")[-800:]
+                raise InvalidInputError(
+                    f"setup_commands[{index}]",
+                    f"exited with code {result.exit_code}: {tail.strip()}; fix the command in the environment"
+                    " (delete_environment, then create_environment)",
+                )
+
+    async def send_message(self, session_id: str, text: str) -> tuple[SessionView, int]:
+        if not text.strip():
+            raise InvalidInputError("text", "is empty; say what the agent should do next")
+        session = await self.db.get_session(session_id)
+        if session.status not in LIVE_STATUSES:
+            raise ConflictError(
+                f"session_id: session {session_id} is {session.status}; it cannot take messages."
+                " Spawn a new agent with spawn_agent"
+            )
+        worker = self._workers.get(session_id)
+        if worker is None:
+            raise ConflictError(f"session_id: session {session_id} has no running worker; stop it and spawn anew")
+        turn = await self.db.enqueue_turn(session_id, text)
+        worker.wake.set()
+        return await self.get_session(session_id), turn.idx
+
+    async def wait_for_turn(self, session_id: str, index: int, max_wait_s: float) -> TurnRecord | None:
+        """Wait until turn `index` has ended; None when the wait timed out first."""
+        deadline = anyio.current_time() + min(max_wait_s, self.settings.server.max_wait_s)
+        while True:
+            turn = await self.db.get_turn(session_id, index)
+            if turn.status not in ("queued", "running"):
+                return turn
+            remaining = deadline - anyio.current_time()
+            if remaining <= 0:
+                return None
+            await self.bus.wait(session_id, remaining)
+
+    async def interrupt(self, session_id: str) -> SessionView:
+        session = await self.db.get_session(session_id)
+        worker = self._workers.get(session_id)
+        if worker is None or worker.current is None:
+            raise ConflictError(
+                f"session_id: session {session_id} is {session.status}, no turn is running; nothing to interrupt"
+            )
+        running = worker.current
+        await self._emit(session_id, [UserInterrupt()])
+        await running.interrupt()
+        with anyio.move_on_after(1.0):
+            await running.done.wait()
+        return await self.get_session(session_id)
+
+    async def stop_session(self, session_id: str) -> SessionView:
+        session = await self.db.get_session(session_id)
+        if session.status in ("stopped", "failed") and session_id not in self._workers:
+            if session.sandbox_id:
+                await self._destroy_sandbox(session)
+            return await self.get_session(session_id)
+        worker = self._workers.get(session_id)
+        if worker is not None:
+            worker.stopping = True
+            if worker.current is not None:
+                await self._emit(session_id, [UserInterrupt()])
+                # Stopping does not wait for a graceful exit: the container goes anyway.
+                running = worker.current
+                if running.stream is not None:
+                    with anyio.move_on_after(KILL_TIMEOUT_S):
+                        try:
+                            await running.stream.signal(9)
+                        except Exception:
+                            logger.debug("signal on stop failed; the process may be gone already")
+                running.interrupted = True
+            worker.scope.cancel()
+            with anyio.move_on_after(KILL_TIMEOUT_S):
+                await worker.exited.wait()
+        for turn in await self.db.list_turns(session_id, "queued"):
+            await self.db.finish_turn(
+                session_id,
+                turn.idx,
+                status="failed",
+                stop_reason=None,
+                final_text=None,
+                error="session stopped",
+                usage=None,
+            )
+        await self._destroy_sandbox(session)
+        await self._set_status(session_id, "stopped", stop_reason=session.stop_reason)
+        await self._emit(session_id, [SessionStatusTerminated(reason="stopped by request")], status_changed=True)
+        return await self.get_session(session_id)
+
+    async def _destroy_sandbox(self, session: SessionRecord) -> None:
+        env = await self.db.find_environment(session.environment_id)
+        if env is None or not session.sandbox_id:
+            return
+        provider = await self.providers.get(env.provider)
+        with anyio.CancelScope(shield=True), anyio.fail_after(DESTROY_TIMEOUT_S):
+            await provider.destroy(session.sandbox_id)
+        await self.db.update_session(session.id, sandbox_id=None)
+        await self._emit(session.id, [SandboxDestroyed(provider=env.provider, sandbox_id=session.sandbox_id)])
+
+    # -- the worker -----------------------------------------------------------------------
+
+    async def _work(self, worker: SessionWorker) -> None:
+        try:
+            with worker.scope:
+                while True:
+                    queued = await self.db.list_turns(worker.session_id, "queued")
+                    if not queued:
+                        worker.wake = anyio.Event()
+                        # Re-check after arming the event, so a message enqueued in between is not missed.
+                        if not await self.db.list_turns(worker.session_id, "queued"):
+                            await worker.wake.wait()
+                        continue
+                    await self._run_one(worker, queued[0])
+        except Exception as exc:  # a bug here must fail this session, not the whole server
+            logger.exception("session %s worker crashed", worker.session_id)
+            with anyio.CancelScope(shield=True):
+                await self._fail(worker.session_id, f"internal error: {exc}")
+        finally:
+            self._workers.pop(worker.session_id, None)
+            worker.exited.set()
+
+    async def _run_one(self, worker: SessionWorker, turn_record: TurnRecord) -> None:
+        session_id = worker.session_id
+        session = await self.db.get_session(session_id)
+        env = await self.db.find_environment(session.environment_id)
+        if env is None:
+            raise McpSandboxesError(f"environment {session.environment_id} vanished")
+        handle = RunningTurn(index=turn_record.idx)
+        worker.current = handle
+        await self.db.start_turn(session_id, turn_record.idx)
+        await self._set_status(session_id, "running")
+        await self._emit(
+            session_id,
+            [UserMessage(content=[TextBlock(text=turn_record.prompt)]), SessionStatusRunning()],
+            status_changed=True,
+        )
+        turn = Turn(
+            session_id=session_id,
+            index=turn_record.idx,
+            prompt=turn_record.prompt,
+            resume_id=session.native_session_id,
+            agent=session.agent,
+            workdir=env.spec.workdir,
+            home=self.settings.server.sandbox_home,
+        )
+
+        async def emit(events: Sequence[Event]) -> None:
+            await self._emit(session_id, events)
+
+        result: TurnResult
+        try:
+            result = await run_turn(
+                sandbox=worker.sandbox,
+                backend=worker.backend,
+                turn=turn,
+                handle=handle,
+                emit=emit,
+                user=env.spec.user or self.settings.server.sandbox_user,
+                timeout_s=self.turn_timeout_s,
+            )
+        except McpSandboxesError as exc:
+            result = TurnResult(stop_reason="error", error=str(exc))
+            await emit([SessionError(error=ErrorInfo(type="sandbox_error", message=str(exc)))])
+        finally:
+            handle.done.set()
+            worker.current = None
+        with anyio.CancelScope(shield=True):
+            await self._record_outcome(worker, session, turn_record.idx, result)
+
+    async def _record_outcome(
+        self, worker: SessionWorker, session: SessionRecord, idx: int, result: TurnResult
+    ) -> None:
+        status = {"interrupted": "interrupted", "error": "failed"}.get(result.stop_reason, "done")
+        await self.db.finish_turn(
+            session.id,
+            idx,
+            status=status,  # type: ignore[arg-type]
+            stop_reason=result.stop_reason,
+            final_text=result.final_text,
+            error=result.error,
+            usage=result.usage,
+        )
+        fields: dict[str, object] = {
+            "stop_reason": result.stop_reason,
+            "usage": session.usage + result.usage,
+            "last_error": result.error,
+        }
+        if result.native_session_id:
+            fields["native_session_id"] = result.native_session_id
+        await self._set_status(session.id, "idle", **fields)
+        await self._emit(
+            session.id, [SessionStatusIdle(stop_reason=StopReason(type=result.stop_reason))], status_changed=True
+        )
+        done = worker.turn_done.pop(idx, None)
+        if done is not None:
+            done.set()
+
+    # -- reads ---------------------------------------------------------------------------------
+
+    async def get_session(self, session_id: str) -> SessionView:
+        session = await self.db.get_session(session_id)
+        turns = await self.db.list_turns(session_id)
+        env = await self.db.find_environment(session.environment_id)
+        finished = [t for t in turns if t.status not in ("queued", "running")]
+        last = finished[-1] if finished else None
+        return SessionView(
+            session_id=session.id,
+            environment_id=session.environment_id,
+            environment_name=env.name if env else None,
+            parent_session_id=session.parent_session_id,
+            backend=session.backend,
+            model=session.agent.model,
+            status=session.status,
+            stop_reason=session.stop_reason,
+            last_error=session.last_error,
+            sandbox_id=session.sandbox_id,
+            agent_session_id=session.native_session_id,
+            turns=len(turns),
+            queued_turns=sum(1 for t in turns if t.status == "queued"),
+            usage=session.usage,
+            last_event_seq=await self.db.last_seq(session_id),
+            created_at=session.created_at,
+            updated_at=session.updated_at,
+            last_turn=turn_view(last) if last else None,
+            transcript_uri=TRANSCRIPT_URI.format(session_id=session.id),
+        )
+
+    async def list_sessions(self, statuses: Sequence[SessionStatus] | None = None) -> list[SessionView]:
+        return [await self.get_session(s.id) for s in await self.db.list_sessions(statuses)]
+
+    async def read_events(
+        self,
+        session_id: str,
+        *,
+        after: int = 0,
+        limit: int = 100,
+        wait_s: float = 0.0,
+        types: Sequence[str] | None = None,
+    ) -> EventsPage:
+        await self.db.get_session(session_id)  # NotFoundError for unknown ids
+        deadline = anyio.current_time() + min(wait_s, self.settings.server.max_wait_s)
+        timed_out = False
+        while True:
+            records = await self.db.read_events(session_id, after=after, limit=limit, types=types)
+            remaining = deadline - anyio.current_time()
+            if records or remaining <= 0:
+                timed_out = not records and wait_s > 0
+                break
+            await self.bus.wait(session_id, remaining)
+        session = await self.db.get_session(session_id)
+        return EventsPage(
+            session_id=session_id,
+            events=[EventView(seq=r.seq, type=r.type, created_at=r.created_at, data=r.data) for r in records],
+            next_cursor=records[-1].seq if records else after,
+            session_status=session.status,
+            timed_out=timed_out,
+        )
+
+    def backend_names(self) -> list[str]:
+        return backend_names()
+
+
+KILL_TIMEOUT_S = 10.0
+
+
+def turn_view(turn: TurnRecord) -> TurnView:
+    return TurnView(
+        index=turn.idx,
+        status=turn.status,
+        stop_reason=turn.stop_reason,
+        final_message=turn.final_text,
+        error=turn.error,
+        usage=turn.usage,
+    )
+
+
+__all__ = ["NotFoundError", "Orchestrator"]

@@ -1,0 +1,119 @@
+"""Environments: named sandbox templates (provider, image, env, limits, setup commands)."""
+
+from __future__ import annotations
+
+import re
+import uuid
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from mcp_sandboxes.errors import ConflictError, InvalidInputError, NotFoundError
+from mcp_sandboxes.orchestrator.providers import ProviderPool
+from mcp_sandboxes.orchestrator.views import EnvironmentView
+from mcp_sandboxes.providers.base import NetworkMode, ResourceLimits, SandboxSpec
+from mcp_sandboxes.store import Database, EnvironmentRecord
+from mcp_sandboxes.store.database import utc_now
+from mcp_sandboxes.store.records import LIVE_STATUSES
+
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+ENV_KEY_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+class EnvironmentRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    provider: str
+    image: str
+    env: dict[str, str] = Field(default_factory=dict)
+    workdir: str = "/workspace"
+    network: NetworkMode = "none"
+    limits: ResourceLimits = Field(default_factory=ResourceLimits)
+    setup_commands: list[str] = Field(default_factory=list)
+
+
+class EnvironmentService:
+    def __init__(self, db: Database, providers: ProviderPool) -> None:
+        self._db = db
+        self._providers = providers
+
+    async def create(self, request: EnvironmentRequest) -> EnvironmentView:
+        if not NAME_PATTERN.match(request.name):
+            raise InvalidInputError(
+                "name", "use 1-63 letters, digits, '.', '_' or '-', starting with a letter or digit"
+            )
+        if not request.workdir.startswith("/"):
+            raise InvalidInputError("workdir", f"{request.workdir!r} is not an absolute path; use e.g. /workspace")
+        for key in request.env:
+            if not ENV_KEY_PATTERN.match(key):
+                raise InvalidInputError(f"env.{key}", "not a valid variable name (letters, digits, '_')")
+        for index, command in enumerate(request.setup_commands):
+            if not command.strip():
+                raise InvalidInputError(f"setup_commands[{index}]", "empty command; remove it")
+        if await self._db.find_environment(request.name) is not None:
+            raise ConflictError(
+                f"name: an environment named {request.name!r} already exists; pick another name or delete it first"
+            )
+        provider = await self._providers.get(request.provider)
+        availability = await provider.check()
+        if not availability.available:
+            raise InvalidInputError(
+                "provider",
+                f"{request.provider} is not usable here: {availability.reason}"
+                + (f"; fix: {availability.fix}" if availability.fix else ""),
+            )
+        spec = SandboxSpec(
+            image=request.image,
+            env=request.env,
+            workdir=request.workdir,
+            network=request.network,
+            limits=request.limits,
+        )
+        await self._providers.validate_spec(request.provider, spec)
+        record = EnvironmentRecord(
+            id=f"env_{uuid.uuid4().hex[:16]}",
+            name=request.name,
+            provider=request.provider,
+            spec=spec,
+            setup_commands=request.setup_commands,
+            created_at=utc_now(),
+        )
+        await self._db.insert_environment(record)
+        return await self.view(record)
+
+    async def get(self, id_or_name: str) -> EnvironmentRecord:
+        record = await self._db.find_environment(id_or_name)
+        if record is None:
+            raise NotFoundError(
+                f"environment: no environment {id_or_name!r}; list_environments shows the ones that exist,"
+                " create_environment makes one"
+            )
+        return record
+
+    async def view(self, record: EnvironmentRecord) -> EnvironmentView:
+        live = await self._db.list_sessions(LIVE_STATUSES, environment_id=record.id)
+        state, detail = "ready", None
+        availability = await self._providers.availability(record.provider)
+        if not availability.available:
+            state, detail = "unavailable", availability.reason
+        return EnvironmentView(
+            id=record.id,
+            name=record.name,
+            provider=record.provider,
+            image=record.spec.image,
+            workdir=record.spec.workdir,
+            network=record.spec.network,
+            limits=record.spec.limits,
+            env_keys=sorted(record.spec.env),
+            setup_commands=record.setup_commands,
+            state=state,
+            state_detail=detail,
+            live_sessions=len(live),
+            created_at=record.created_at,
+        )
+
+    async def list_all(self) -> list[EnvironmentView]:
+        return [await self.view(record) for record in await self._db.list_environments()]
+
+    async def live_session_ids(self, record: EnvironmentRecord) -> list[str]:
+        return [s.id for s in await self._db.list_sessions(LIVE_STATUSES, environment_id=record.id)]

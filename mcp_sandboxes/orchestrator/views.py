@@ -1,0 +1,72 @@
+"""What the orchestrator returns to its callers (and the MCP layer returns as structured output)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from mcp_sandboxes.events import Usage
+from mcp_sandboxes.providers.base import NetworkMode, ResourceLimits
+
+
+class EnvironmentView(BaseModel):
+    id: str
+    name: str
+    provider: str
+    image: str
+    workdir: str
+    network: NetworkMode
+    limits: ResourceLimits
+    env_keys: list[str] = Field(description="Names of the environment variables set (values are not echoed).")
+    setup_commands: list[str]
+    state: str = Field(description="'ready' when its provider is reachable, else 'unavailable'.")
+    state_detail: str | None = None
+    live_sessions: int
+    created_at: str
+
+
+class TurnView(BaseModel):
+    index: int
+    status: str
+    stop_reason: str | None = None
+    final_message: str | None = None
+    error: str | None = None
+    usage: Usage | None = None
+
+
+class SessionView(BaseModel):
+    session_id: str
+    environment_id: str
+    environment_name: str | None = None
+    parent_session_id: str | None = None
+    backend: str
+    model: str | None = None
+    status: str
+    stop_reason: str | None = None
+    last_error: str | None = None
+    sandbox_id: str | None = None
+    agent_session_id: str | None = Field(default=None, description="The agent CLI's own session id (for resume).")
+    turns: int
+    queued_turns: int
+    usage: Usage
+    last_event_seq: int
+    created_at: str
+    updated_at: str
+    last_turn: TurnView | None = None
+    transcript_uri: str
+
+
+class EventView(BaseModel):
+    seq: int
+    type: str
+    created_at: str
+    data: dict[str, Any]
+
+
+class EventsPage(BaseModel):
+    session_id: str
+    events: list[EventView]
+    next_cursor: int = Field(description="Pass as `after` to read the events that follow.")
+    session_status: str
+    timed_out: bool = Field(description="True when the long-poll ended without new events.")

@@ -1,0 +1,1 @@
+"""The MCP surface: tools, resources and transports. Knows MCP, nothing about engines."""

@@ -1,0 +1,73 @@
+"""Registers a tool from a pydantic input model, so the tool's JSON schema is the model's
+(flat fields with descriptions) and every call is validated by the model itself."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any, TypeVar
+
+from mcp.server.mcpserver import MCPServer
+from mcp.server.mcpserver.exceptions import ToolError
+from mcp_types import ToolAnnotations
+from pydantic import BaseModel, Field, ValidationError
+
+from mcp_sandboxes.errors import McpSandboxesError
+
+InputT = TypeVar("InputT", bound=BaseModel)
+OutputT = TypeVar("OutputT", bound=BaseModel)
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    problems = []
+    for error in exc.errors():
+        field = ".".join(str(part) for part in error["loc"]) or "arguments"
+        problems.append(f"{field}: {error['msg']}")
+    return "invalid arguments: " + "; ".join(problems)
+
+
+def register_tool(
+    server: MCPServer[Any],
+    *,
+    name: str,
+    description: str,
+    input_model: type[InputT],
+    output_model: type[OutputT],
+    handler: Callable[[InputT], Awaitable[OutputT]],
+    annotations: ToolAnnotations,
+) -> None:
+    parameters = []
+    for field_name, info in input_model.model_fields.items():
+        annotation: Any = Annotated[info.annotation, *info.metadata, Field(description=info.description)]
+        default = inspect.Parameter.empty if info.is_required() else info.get_default(call_default_factory=True)
+        parameters.append(
+            inspect.Parameter(field_name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+        )
+
+    async def tool(**arguments: Any) -> Any:
+        try:
+            request = input_model.model_validate(arguments)
+        except ValidationError as exc:
+            raise ToolError(describe_validation_error(exc)) from None
+        try:
+            return await handler(request)
+        except McpSandboxesError as exc:
+            raise ToolError(str(exc)) from exc
+
+    tool.__signature__ = inspect.Signature(parameters, return_annotation=output_model)  # type: ignore[attr-defined]
+    tool.__name__ = name
+    tool.__doc__ = description
+    server.add_tool(tool, name=name, description=description, annotations=annotations, structured_output=True)
+    _forbid_unknown_arguments(server, name)
+
+
+def _forbid_unknown_arguments(server: MCPServer[Any], name: str) -> None:
+    """The SDK ignores arguments a tool does not declare; a typo such as `memory` for `memory_mb`
+    would then silently do nothing. Reject them instead, in the schema and at validation."""
+    registered = server._tool_manager.get_tool(name)
+    if registered is None:  # pragma: no cover - registered just above
+        raise RuntimeError(f"tool {name} was not registered")
+    base = registered.fn_metadata.arg_model
+    strict = type(base.__name__, (base,), {"model_config": {**base.model_config, "extra": "forbid"}})
+    registered.fn_metadata.arg_model = strict
+    registered.parameters["additionalProperties"] = False

@@ -1,0 +1,137 @@
+"""Session transcripts and event logs as MCP resources, with change notifications.
+
+Two notification paths, because clients speak two protocol eras: `subscriptions/listen`
+(2026-07-28, through the SDK's subscription bus) and `resources/subscribe` (earlier
+versions, tracked here per client session)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import weakref
+from typing import Any
+
+import anyio
+import mcp_types as types
+from mcp.server.context import ServerRequestContext
+from mcp.server.mcpserver import MCPServer
+from mcp.server.mcpserver.exceptions import ResourceError
+from mcp.server.session import ServerSession
+from mcp.server.subscriptions import InMemorySubscriptionBus, ResourcesListChanged, ResourceUpdated
+
+from mcp_sandboxes.errors import NotFoundError
+from mcp_sandboxes.orchestrator import Orchestrator
+from mcp_sandboxes.orchestrator.transcript import render_transcript
+from mcp_sandboxes.store.records import LIVE_STATUSES
+
+logger = logging.getLogger(__name__)
+
+TRANSCRIPT_TEMPLATE = "sandboxes://sessions/{session_id}/transcript"
+EVENTS_TEMPLATE = "sandboxes://sessions/{session_id}/events"
+NOTIFY_TIMEOUT_S = 5.0
+MAX_EVENTS_IN_RESOURCE = 10_000
+
+
+class SandboxesMCPServer(MCPServer[Any]):
+    """MCPServer whose resources/list shows the live sessions' transcripts."""
+
+    orchestrator: Orchestrator
+
+    async def list_resources(self) -> list[types.Resource]:
+        resources = await super().list_resources()
+        for session in await self.orchestrator.db.list_sessions(LIVE_STATUSES):
+            resources.append(
+                types.Resource(
+                    uri=TRANSCRIPT_TEMPLATE.format(session_id=session.id),
+                    name=f"transcript-{session.id}",
+                    title=f"Transcript of {session.backend} session {session.id} ({session.status})",
+                    mime_type="text/markdown",
+                )
+            )
+            resources.append(
+                types.Resource(
+                    uri=EVENTS_TEMPLATE.format(session_id=session.id),
+                    name=f"events-{session.id}",
+                    title=f"Events of session {session.id} as JSON",
+                    mime_type="application/json",
+                )
+            )
+        return resources
+
+
+def register_resources(server: SandboxesMCPServer, orchestrator: Orchestrator) -> None:
+    async def transcript(session_id: str) -> str:
+        try:
+            session = await orchestrator.db.get_session(session_id)
+        except NotFoundError as exc:
+            raise ResourceError(str(exc)) from exc
+        events = await orchestrator.db.read_events(session_id, limit=MAX_EVENTS_IN_RESOURCE)
+        return render_transcript(session, events)
+
+    async def events(session_id: str) -> str:
+        try:
+            await orchestrator.db.get_session(session_id)
+        except NotFoundError as exc:
+            raise ResourceError(str(exc)) from exc
+        records = await orchestrator.db.read_events(session_id, limit=MAX_EVENTS_IN_RESOURCE)
+        return json.dumps([record.model_dump() for record in records], ensure_ascii=False)
+
+    server.resource(
+        TRANSCRIPT_TEMPLATE,
+        name="session-transcript",
+        title="Session transcript",
+        description="A session as readable markdown: messages, tool calls and results, errors, usage.",
+        mime_type="text/markdown",
+    )(transcript)
+    server.resource(
+        EVENTS_TEMPLATE,
+        name="session-events",
+        title="Session events",
+        description="A session's normalized events as a JSON array (seq, type, created_at, data).",
+        mime_type="application/json",
+    )(events)
+
+
+class ResourceNotifier:
+    """Turns event-bus changes into resource notifications for both protocol eras."""
+
+    def __init__(self, server: SandboxesMCPServer, bus: InMemorySubscriptionBus) -> None:
+        self._server = server
+        self._bus = bus
+        self._legacy: dict[str, weakref.WeakSet[ServerSession]] = {}
+        lowlevel = server._lowlevel_server
+        lowlevel.add_request_handler("resources/subscribe", types.SubscribeRequestParams, self._subscribe)
+        lowlevel.add_request_handler("resources/unsubscribe", types.UnsubscribeRequestParams, self._unsubscribe)
+
+    async def _subscribe(
+        self, ctx: ServerRequestContext[Any], params: types.SubscribeRequestParams
+    ) -> types.EmptyResult:
+        self._legacy.setdefault(str(params.uri), weakref.WeakSet()).add(ctx.session)
+        return types.EmptyResult()
+
+    async def _unsubscribe(
+        self, ctx: ServerRequestContext[Any], params: types.UnsubscribeRequestParams
+    ) -> types.EmptyResult:
+        sessions = self._legacy.get(str(params.uri))
+        if sessions is not None:
+            sessions.discard(ctx.session)
+        return types.EmptyResult()
+
+    async def run(self, orchestrator: Orchestrator) -> None:
+        changes = orchestrator.bus.subscribe()
+        async with changes:
+            async for change in changes:
+                for template in (TRANSCRIPT_TEMPLATE, EVENTS_TEMPLATE):
+                    await self._updated(template.format(session_id=change.session_id))
+                if change.status_changed:
+                    await self._bus.publish(ResourcesListChanged())
+
+    async def _updated(self, uri: str) -> None:
+        await self._bus.publish(ResourceUpdated(uri=uri))
+        for session in list(self._legacy.get(uri, ())):
+            try:
+                with anyio.fail_after(NOTIFY_TIMEOUT_S):
+                    await session.send_resource_updated(uri)
+            except Exception:  # a client that went away must not stop notices to the others
+                logger.debug("dropping resource subscriber for %s", uri, exc_info=True)
+                self._legacy[uri].discard(session)

@@ -1,0 +1,208 @@
+"""The MCP tools: thin adapters from validated inputs to the orchestrator."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mcp.server.mcpserver import MCPServer
+from mcp_types import ToolAnnotations
+
+from mcp_sandboxes.backends.base import AgentSpec
+from mcp_sandboxes.orchestrator import Orchestrator
+from mcp_sandboxes.orchestrator.core import turn_view
+from mcp_sandboxes.orchestrator.environments import EnvironmentRequest
+from mcp_sandboxes.orchestrator.views import EnvironmentView, EventsPage, SessionView
+from mcp_sandboxes.providers.base import ResourceLimits
+from mcp_sandboxes.server.registration import register_tool
+from mcp_sandboxes.server.schemas import (
+    CreateEnvironmentInput,
+    DeleteEnvironmentInput,
+    EnvironmentList,
+    ListSessionsInput,
+    NoInput,
+    ReadEventsInput,
+    SendMessageInput,
+    SessionList,
+    SessionRefInput,
+    SpawnAgentInput,
+    TurnOutcome,
+)
+
+READ_ONLY = ToolAnnotations(read_only_hint=True, destructive_hint=False, idempotent_hint=True, open_world_hint=False)
+CREATES = ToolAnnotations(read_only_hint=False, destructive_hint=False, idempotent_hint=False, open_world_hint=False)
+DESTROYS = ToolAnnotations(read_only_hint=False, destructive_hint=True, idempotent_hint=True, open_world_hint=False)
+
+
+def register_tools(server: MCPServer[Any], orchestrator: Orchestrator) -> None:
+    settings = orchestrator.settings.server
+
+    async def outcome(session_id: str, turn_index: int, wait: bool, timeout_s: float) -> TurnOutcome:
+        if not wait:
+            return TurnOutcome(
+                session=await orchestrator.get_session(session_id), turn_index=turn_index, completed=False
+            )
+        turn = await orchestrator.wait_for_turn(session_id, turn_index, timeout_s)
+        session = await orchestrator.get_session(session_id)
+        if turn is None:
+            return TurnOutcome(session=session, turn_index=turn_index, completed=False)
+        view = turn_view(turn)
+        return TurnOutcome(
+            session=session,
+            turn_index=turn_index,
+            completed=True,
+            final_message=view.final_message,
+            stop_reason=view.stop_reason,
+            usage=view.usage,
+            error=view.error,
+        )
+
+    async def create_environment(request: CreateEnvironmentInput) -> EnvironmentView:
+        return await orchestrator.create_environment(
+            EnvironmentRequest(
+                name=request.name,
+                provider=request.provider or settings.default_provider,
+                image=request.image or settings.default_image,
+                env=request.env,
+                workdir=request.workdir,
+                network=request.network,
+                limits=ResourceLimits(cpus=request.cpus, memory_mb=request.memory_mb, pids=request.pids_limit),
+                setup_commands=request.setup_commands,
+            )
+        )
+
+    async def list_environments(request: NoInput) -> EnvironmentList:
+        return EnvironmentList(environments=await orchestrator.list_environments())
+
+    async def delete_environment(request: DeleteEnvironmentInput) -> EnvironmentView:
+        return await orchestrator.delete_environment(request.environment, force=request.force)
+
+    async def spawn_agent(request: SpawnAgentInput) -> TurnOutcome:
+        session = await orchestrator.spawn_agent(
+            environment=request.environment,
+            prompt=request.prompt,
+            agent=AgentSpec(
+                backend=request.backend,
+                model=request.model,
+                system_prompt=request.system_prompt,
+                allowed_tools=request.allowed_tools,
+                permission_mode=request.permission_mode,
+                max_turns=request.max_turns,
+            ),
+        )
+        return await outcome(session.session_id, 0, request.wait, request.timeout_s)
+
+    async def send_message(request: SendMessageInput) -> TurnOutcome:
+        _, index = await orchestrator.send_message(request.session_id, request.text)
+        return await outcome(request.session_id, index, request.wait, request.timeout_s)
+
+    async def read_events(request: ReadEventsInput) -> EventsPage:
+        return await orchestrator.read_events(
+            request.session_id, after=request.after, limit=request.limit, wait_s=request.wait_s, types=request.types
+        )
+
+    async def get_session(request: SessionRefInput) -> SessionView:
+        return await orchestrator.get_session(request.session_id)
+
+    async def list_sessions(request: ListSessionsInput) -> SessionList:
+        return SessionList(sessions=await orchestrator.list_sessions(request.status))
+
+    async def interrupt_session(request: SessionRefInput) -> SessionView:
+        return await orchestrator.interrupt(request.session_id)
+
+    async def stop_session(request: SessionRefInput) -> SessionView:
+        return await orchestrator.stop_session(request.session_id)
+
+    tools: list[tuple[str, str, type[Any], type[Any], Any, ToolAnnotations]] = [
+        (
+            "create_environment",
+            "Create a named sandbox environment (provider, image, env vars, network, limits, setup commands)."
+            " Each agent session gets its own sandbox made from it.",
+            CreateEnvironmentInput,
+            EnvironmentView,
+            create_environment,
+            CREATES,
+        ),
+        (
+            "list_environments",
+            "List environments with their state.",
+            NoInput,
+            EnvironmentList,
+            list_environments,
+            READ_ONLY,
+        ),
+        (
+            "delete_environment",
+            "Delete an environment. Refuses while live sessions use it unless force=true (which stops them).",
+            DeleteEnvironmentInput,
+            EnvironmentView,
+            delete_environment,
+            DESTROYS,
+        ),
+        (
+            "spawn_agent",
+            "Start a coding-agent sub-agent in a new sandbox of an environment, with a first prompt."
+            " Returns the session id at once, or with wait=true the first turn's final message.",
+            SpawnAgentInput,
+            TurnOutcome,
+            spawn_agent,
+            CREATES,
+        ),
+        (
+            "send_message",
+            "Send a follow-up message to a session; it continues the same conversation. Queued if a turn is running.",
+            SendMessageInput,
+            TurnOutcome,
+            send_message,
+            CREATES,
+        ),
+        (
+            "read_events",
+            "Read a session's normalized events after a cursor; wait_s long-polls for new ones.",
+            ReadEventsInput,
+            EventsPage,
+            read_events,
+            READ_ONLY,
+        ),
+        (
+            "get_session",
+            "Get a session's status, usage and last turn.",
+            SessionRefInput,
+            SessionView,
+            get_session,
+            READ_ONLY,
+        ),
+        (
+            "list_sessions",
+            "List sessions, optionally by status.",
+            ListSessionsInput,
+            SessionList,
+            list_sessions,
+            READ_ONLY,
+        ),
+        (
+            "interrupt_session",
+            "Interrupt the running turn; the sandbox stays and the session goes idle, ready for the next message.",
+            SessionRefInput,
+            SessionView,
+            interrupt_session,
+            ToolAnnotations(read_only_hint=False, destructive_hint=False, idempotent_hint=True, open_world_hint=False),
+        ),
+        (
+            "stop_session",
+            "Stop a session for good: interrupts a running turn and removes its sandbox. Its events stay readable.",
+            SessionRefInput,
+            SessionView,
+            stop_session,
+            DESTROYS,
+        ),
+    ]
+    for name, description, input_model, output_model, handler, hints in tools:
+        register_tool(
+            server,
+            name=name,
+            description=description,
+            input_model=input_model,
+            output_model=output_model,
+            handler=handler,
+            annotations=hints,
+        )
