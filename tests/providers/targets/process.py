@@ -3,6 +3,7 @@ must print spec.workdir, which only a real host path can do without a sandbox.""
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from collections.abc import AsyncIterator
@@ -13,7 +14,8 @@ from mcp_sandboxes.providers.base import Provider, SandboxSpec
 from mcp_sandboxes.providers.process import ProcessProvider
 from tests.providers.targets import ConformanceTarget
 
-WORKDIR = Path(tempfile.gettempdir()) / "mcp-sandboxes-process-conformance"
+# Per test process: made by each provider's context and removed with it.
+WORKDIR = Path(tempfile.gettempdir()) / f"mcp-sandboxes-process-conformance-{os.getpid()}"
 
 
 @asynccontextmanager
@@ -26,6 +28,7 @@ async def open_process() -> AsyncIterator[Provider]:
     finally:
         await provider.aclose()
         shutil.rmtree(state, ignore_errors=True)
+        shutil.rmtree(WORKDIR, ignore_errors=True)
 
 
 TARGETS = [
