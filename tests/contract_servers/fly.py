@@ -37,6 +37,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from tests.contract_servers.host_reaper import reap
 from tests.contract_servers.sandbox_host import LocalMachine, LoopbackServer
 
 EXEC_DEFAULT_TIMEOUT_S = 60
@@ -185,6 +186,7 @@ def build_app(state: FlyState) -> Starlette:
         if found.state == "started" and request.query_params.get("force") != "true":
             return _error(412, "failed_precondition: unable to destroy machine, not currently stopped")
         found.state = "destroyed"
+        reap(found.local)  # detached processes too
         await found.local.destroy()
         return JSONResponse({"ok": True})
 
@@ -311,4 +313,5 @@ def force_cleanup(local: LocalMachine) -> None:
     for process in local.processes:
         if process.process.returncode is None:
             process.send_signal(9)
+    reap(local)
     shutil.rmtree(local.root, ignore_errors=True)

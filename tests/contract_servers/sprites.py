@@ -41,6 +41,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
+from tests.contract_servers.host_reaper import reap
 from tests.contract_servers.sandbox_host import LocalMachine, LocalProcess, LoopbackServer
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
@@ -154,6 +155,7 @@ def build_app(state: SpritesState) -> Starlette:
         if request.method == "GET":
             return JSONResponse(found.json())
         del state.sprites[found.name]
+        reap(found.local)  # detached processes too
         await found.local.destroy()
         return Response(status_code=204)
 
@@ -348,4 +350,5 @@ async def sprites_server(*, token: str) -> AsyncIterator[tuple[LoopbackServer, S
             for process in sprite.local.processes:
                 if process.process.returncode is None:
                     process.send_signal(9)
+            reap(sprite.local)
             shutil.rmtree(sprite.local.root, ignore_errors=True)

@@ -37,6 +37,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from tests.contract_servers.host_reaper import reap
 from tests.contract_servers.sandbox_host import LocalMachine, LocalProcess, LoopbackServer
 
 RUNTIMES = ("node22", "node24", "node26", "python3.13")
@@ -253,6 +254,7 @@ def build_app(state: VercelState) -> Starlette:
         if request.method == "GET":
             return JSONResponse(sandbox.full_json())
         sandbox.status = "stopped"
+        reap(sandbox.local)  # detached processes too
         await sandbox.local.destroy()
         del state.sandboxes[sandbox.name]
         return JSONResponse({"sandbox": sandbox.sandbox_json()})
@@ -426,6 +428,7 @@ def build_app(state: VercelState) -> Starlette:
         if sandbox is None:
             return _error(404, "not_found", "Session not found")
         sandbox.status = "stopped"
+        reap(sandbox.local)  # detached processes too
         await sandbox.local.destroy()
         return JSONResponse({"session": sandbox.session_json()})
 
@@ -460,4 +463,5 @@ async def vercel_server(
             for process in sandbox.local.processes:
                 if process.process.returncode is None:
                     process.send_signal(9)
+            reap(sandbox.local)
             shutil.rmtree(sandbox.local.root, ignore_errors=True)

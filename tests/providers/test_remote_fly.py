@@ -12,6 +12,7 @@ from mcp_sandboxes.errors import InvalidInputError, ProviderError
 from mcp_sandboxes.providers.base import OWNER_LABEL, SandboxSpec
 from mcp_sandboxes.providers.fly import FlyProvider
 from tests.contract_servers.fly import FlyState, fly_server
+from tests.contract_servers.host_reaper import processes_of
 from tests.contract_servers.sandbox_host import LoopbackServer, bwrap_available
 
 APP = "mcp-sandboxes-remote-test"
@@ -179,3 +180,23 @@ async def test_attach_after_a_restart_keeps_the_workdir_and_env(
         result = await attached.exec(["sh", "-c", 'pwd; echo "$GREETING"'])
     await second.aclose()
     assert result.stdout == b"/workspace/project\nhi\n"
+
+
+async def test_destroy_ends_a_streamed_command_that_runs_detached(
+    server: tuple[LoopbackServer, FlyState], token: str
+) -> None:
+    loopback, state = server
+    provider = provider_for(loopback.url, token, poll_interval_s=0.1)
+    with anyio.fail_after(STEP_S):
+        sandbox = await provider.create(SPEC)
+        local = state.machines[sandbox.id].local
+        async with sandbox.stream(["sh", "-c", "echo up; exec sleep 600"]) as process:
+            async for chunk in process:
+                if b"up" in chunk.data:
+                    break
+            running = processes_of(local)
+            await provider.destroy(sandbox.id)
+        left = processes_of(local)
+    await provider.aclose()
+    assert running, "the detached command should have been running"
+    assert left == []
