@@ -378,13 +378,16 @@ class FlySandbox:
         capture = f"/tmp/.mcp-sandboxes-{secrets.token_hex(8)}"
         script = captured(self.command_script(argv, env=env, cwd=cwd, user=user), capture)
         limit = timeout if timeout is not None else float(self._owner.stream_timeout_s)
+        d = q(capture)
+        done = False
         try:
             body = await self.exec_call([SHELL, "-c", script], stdin_text, limit)
             code = _exit_code(body)
             if code == 125 and body.get("stderr"):
                 raise ProviderError(f"Fly: could not capture output in machine {self.id}: {body.get('stderr')}")
-            d = q(capture)
-            files = await self.run_root(f"base64 {d}/o && echo . && base64 {d}/e")
+            # Reading and removing the files is one call: execs are rate limited per machine.
+            files = await self.run_root(f"base64 {d}/o && echo . && base64 {d}/e; c=$?; rm -rf {d}; exit $c")
+            done = True
             lines = files.stdout.decode("ascii", errors="replace").split("\n")
             if not files.ok or "." not in lines:
                 raise ProviderError(f"Fly: could not read the command's output in machine {self.id}")
@@ -392,11 +395,12 @@ class FlySandbox:
             stdout = base64.b64decode("".join(lines[:mark]))
             stderr = base64.b64decode("".join(lines[mark + 1 :]))
         finally:
-            with anyio.CancelScope(shield=True), anyio.move_on_after(CLEANUP_TIMEOUT_S):
-                try:
-                    await self.run_root(f"rm -rf {q(capture)}")
-                except ProviderError:
-                    pass
+            if not done:
+                with anyio.CancelScope(shield=True), anyio.move_on_after(CLEANUP_TIMEOUT_S):
+                    try:
+                        await self.run_root(f"rm -rf {d}")
+                    except ProviderError:
+                        pass
         return ExecResult(exit_code=code, stdout=stdout, stderr=stderr)
 
     async def run_root(
