@@ -4,6 +4,7 @@
 #   mcp-sandboxes/debian:bookworm   debootstrap minbase, imported
 #   mcp-sandboxes/base:latest       + agent user, /workspace, git, procps (configs/images/base)
 #   mcp-sandboxes/busybox:latest    static busybox only (fast provider tests)
+#   mcp-sandboxes/agent:latest      + node and the five pinned agent CLIs (configs/images/agent)
 # Idempotent: an image that exists is kept unless FORCE=1.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -45,5 +46,17 @@ if ! have mcp-sandboxes/busybox:latest \
   tar -C "$tmp" -c . | docker import -c 'ENV PATH=/bin' - mcp-sandboxes/busybox:latest >/dev/null
   rm -rf "$tmp"
   echo "imported mcp-sandboxes/busybox:latest"
+fi
+agent_stamp="$(sha256sum "$root/tools/agent-clis/package.json" "$root/configs/images/agent/Dockerfile" | sha256sum | cut -c1-12)"
+if ! have "mcp-sandboxes/agent:$agent_stamp"; then
+  [[ -d "$root/tools/agent-clis/node_modules" ]] || "$root/scripts/install-agent-clis.sh"
+  ctx="$(mktemp -d)"
+  cp "$(command -v node)" "$ctx/node"
+  # Hard links keep the 1 GB of CLIs from being copied twice on disk.
+  cp -al "$root/tools/agent-clis/node_modules" "$ctx/node_modules" 2>/dev/null || cp -a "$root/tools/agent-clis/node_modules" "$ctx/node_modules"
+  cp "$root/configs/images/agent/Dockerfile" "$ctx/Dockerfile"
+  docker build -q -t "mcp-sandboxes/agent:$agent_stamp" -t mcp-sandboxes/agent:latest "$ctx" >/dev/null
+  rm -rf "$ctx"
+  echo "built mcp-sandboxes/agent:latest ($agent_stamp)"
 fi
 echo "images ok"
