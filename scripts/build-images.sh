@@ -13,13 +13,22 @@ mkdir -p "$cache"
 have() { [[ "${FORCE:-0}" != 1 ]] && docker image inspect "$1" >/dev/null 2>&1; }
 
 rootfs="$cache/rootfs-bookworm"
-if ! have mcp-sandboxes/debian:bookworm; then
-  if [[ ! -f "$rootfs/.complete" ]]; then
-    rm -rf "$rootfs"
+# The rootfs tree is needed on its own too (the bubblewrap provider runs on it), so it is made
+# even when the image exists: exported from the image when it can be, debootstrapped otherwise.
+if [[ ! -f "$rootfs/.complete" ]]; then
+  rm -rf "$rootfs"
+  mkdir -p "$rootfs"
+  if docker image inspect mcp-sandboxes/debian:bookworm >/dev/null 2>&1; then
+    cid="$(docker create mcp-sandboxes/debian:bookworm /bin/true)"
+    docker export "$cid" | tar -C "$rootfs" -x
+    docker rm "$cid" >/dev/null
+  else
     debootstrap --variant=minbase bookworm "$rootfs" http://deb.debian.org/debian >"$cache/debootstrap.log" 2>&1 \
       || { tail -n 20 "$cache/debootstrap.log" >&2; exit 1; }
-    touch "$rootfs/.complete"
   fi
+  touch "$rootfs/.complete"
+fi
+if ! have mcp-sandboxes/debian:bookworm; then
   tar -C "$rootfs" --exclude=./.complete -c . | docker import - mcp-sandboxes/debian:bookworm >/dev/null
   echo "imported mcp-sandboxes/debian:bookworm"
 fi

@@ -65,7 +65,7 @@ def _root_directory(path: str, *, field: str) -> RootFs:
     if not root.is_dir():
         raise ImageNotFoundError(
             f"{field}: root file system {root} does not exist or is not a directory; build one"
-            " (scripts/setup-images.sh makes .cache/rootfs-bookworm with debootstrap) or use image 'host'"
+            " (scripts/build-images.sh makes .cache/rootfs-bookworm with debootstrap) or use image 'host'"
         )
     if not (root / "bin").exists() and not (root / "usr" / "bin").exists():
         raise ImageNotFoundError(f"{field}: {root} has no bin/ or usr/bin/; it is not a root file system")
