@@ -31,6 +31,7 @@ def _parser() -> argparse.ArgumentParser:
     doctor = commands.add_parser("doctor", help="report which providers and agent CLIs are usable here")
     doctor.add_argument("--config", help="TOML file overriding the embedded defaults")
     doctor.add_argument("--json", action="store_true", help="machine-readable output")
+    doctor.add_argument("--image", action="append", dest="images", help="image to look for agent CLIs in (repeatable)")
     return parser
 
 
@@ -65,7 +66,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "doctor":
         from mcp_sandboxes.doctor import diagnose, format_report
 
-        report = anyio.run(diagnose, settings)
+        report = anyio.run(diagnose, settings, args.images)
         sys.stdout.write(json.dumps(report.model_dump(), indent=2) + "\n" if args.json else format_report(report))
         return 0 if report.ok else 1
     return 2

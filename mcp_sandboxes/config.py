@@ -35,6 +35,9 @@ class BackendSettings(BaseModel):
     cli_path: str = ""
     pass_env: list[str] = Field(default_factory=list)
     env: dict[str, str] = Field(default_factory=dict)
+    api_key_env: list[str] = Field(
+        default_factory=list, description="The CLI needs at least one of these set (doctor reports when none is)."
+    )
 
 
 class Settings(BaseModel):

@@ -5,11 +5,11 @@ from __future__ import annotations
 import os
 
 import anyio
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from mcp_sandboxes.backends.registry import backend_names, build_backend
 from mcp_sandboxes.config import Settings
-from mcp_sandboxes.providers.base import Availability
+from mcp_sandboxes.providers.base import Availability, SandboxSpec
 from mcp_sandboxes.providers.registry import build_provider, provider_names
 
 CHECK_TIMEOUT_S = 15.0
@@ -19,13 +19,21 @@ class BackendReport(BaseModel):
     backend: str
     usable: bool
     cli: str
-    missing_env: list[str]
+    missing_env: list[str] = Field(description="API key variables of which none is set (any one would do).")
+    detail: str | None = None
+
+
+class ImageReport(BaseModel):
+    image: str
+    provider: str
+    cli_found: dict[str, bool]
     detail: str | None = None
 
 
 class DoctorReport(BaseModel):
     providers: list[Availability]
     backends: list[BackendReport]
+    images: list[ImageReport] = []
 
     @property
     def ok(self) -> bool:
@@ -51,7 +59,8 @@ async def _check_provider(name: str, settings: Settings) -> Availability:
 
 def _check_backend(name: str, settings: Settings) -> BackendReport:
     backend_settings = settings.backend(name)
-    missing = [key for key in backend_settings.pass_env if not os.environ.get(key)]
+    keys = backend_settings.api_key_env
+    missing = [] if not keys or any(os.environ.get(key) for key in keys) else list(keys)
     cli = backend_settings.cli_path or "(from the image's PATH)"
     try:
         backend = build_backend(name, backend_settings, os.environ)
@@ -61,10 +70,59 @@ def _check_backend(name: str, settings: Settings) -> BackendReport:
     return BackendReport(backend=name, usable=True, cli=cli, missing_env=missing)
 
 
-async def diagnose(settings: Settings) -> DoctorReport:
+# The executable each backend runs; a backend not listed has no fixed CLI (e.g. custom).
+CLI_NAMES: dict[str, str] = {
+    "claude": "claude",
+    "codex": "codex",
+    "gemini": "gemini",
+    "opencode": "opencode",
+    "factory": "droid",
+}
+STANDARD_AGENT_IMAGE = "mcp-sandboxes/agent:latest"
+
+
+async def _check_image(image: str, settings: Settings) -> ImageReport:
+    """Start a throwaway sandbox of the image and look for each backend's CLI on its PATH."""
+    provider_name = settings.server.default_provider
+    clis = {backend: CLI_NAMES[backend] for backend in backend_names() if backend in CLI_NAMES}
+    report = ImageReport(image=image, provider=provider_name, cli_found={})
+    try:
+        provider = build_provider(provider_name, settings.provider(provider_name))
+    except Exception as exc:
+        report.detail = str(exc)
+        return report
+    try:
+        with anyio.fail_after(CHECK_TIMEOUT_S * 4):
+            sandbox = await provider.create(
+                SandboxSpec(image=image, network="none", labels={"io.mcp-sandboxes.doctor": "1"})
+            )
+            try:
+                probe = " ".join(sorted(set(clis.values())))
+                result = await sandbox.exec(
+                    ["sh", "-c", f'for c in {probe}; do command -v "$c" >/dev/null && echo "$c"; done; true'],
+                    timeout=CHECK_TIMEOUT_S,
+                )
+                found = set(result.stdout.decode("utf-8", "replace").split())
+                report.cli_found = {backend: cli in found for backend, cli in clis.items()}
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await provider.destroy(sandbox.id)
+    except Exception as exc:
+        report.detail = str(exc)
+    finally:
+        with anyio.CancelScope(shield=True):
+            await provider.aclose()
+    return report
+
+
+async def diagnose(settings: Settings, images: list[str] | None = None) -> DoctorReport:
     providers = [await _check_provider(name, settings) for name in provider_names()]
     backends = [_check_backend(name, settings) for name in backend_names()]
-    return DoctorReport(providers=providers, backends=backends)
+    if images is None:
+        images = list(dict.fromkeys([settings.server.default_image, STANDARD_AGENT_IMAGE]))
+    default_ok = any(p.provider == settings.server.default_provider and p.available for p in providers)
+    image_reports = [await _check_image(image, settings) for image in images] if default_ok else []
+    return DoctorReport(providers=providers, backends=backends, images=image_reports)
 
 
 def format_report(report: DoctorReport) -> str:
@@ -78,8 +136,16 @@ def format_report(report: DoctorReport) -> str:
         mark = "ok " if b.usable else "-- "
         extra = f" cli={b.cli}"
         if b.missing_env:
-            extra += f"; unset: {', '.join(b.missing_env)}"
+            extra += f"; no API key: set one of {', '.join(b.missing_env)}"
         if b.detail:
             extra += f"; {b.detail}"
         lines.append(f"  {mark}{b.backend}{extra}")
+    if report.images:
+        lines.append("Agent CLIs in images:")
+    for image in report.images:
+        if image.detail:
+            lines.append(f"  -- {image.image} ({image.provider}): {image.detail}")
+            continue
+        found = ", ".join(f"{b}={'yes' if ok else 'no'}" for b, ok in image.cli_found.items())
+        lines.append(f"  {image.image} ({image.provider}): {found}")
     return "\n".join(lines) + "\n"

@@ -1,0 +1,57 @@
+"""`mcp-sandboxes doctor` as a user runs it: real providers, real images, the real environment."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+
+from tests.conftest import BASE_IMAGE, ROOT
+
+pytestmark = [pytest.mark.docker, pytest.mark.usefixtures("docker_available")]
+
+
+def run_doctor(*args: str, env: dict[str, str]) -> tuple[int, dict[str, Any]]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("ANTHROPIC_", "MCP_SANDBOXES_"))}
+    completed = subprocess.run(
+        [sys.executable, "-m", "mcp_sandboxes", "doctor", "--json", *args],
+        env={**base, **env, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=ROOT,
+    )
+    return completed.returncode, json.loads(completed.stdout)
+
+
+def test_doctor_reports_providers_backends_keys_and_clis_per_image() -> None:
+    code, report = run_doctor("--image", BASE_IMAGE, "--image", "mcp-sandboxes/agent:latest", env={})
+    assert code == 0
+    providers = {p["provider"]: p for p in report["providers"]}
+    assert providers["docker"]["available"] is True
+    assert providers["apple"]["available"] is False and "macOS" in providers["apple"]["reason"]
+    assert providers["e2b"]["available"] is False and "E2B_API_KEY" in providers["e2b"]["reason"]
+    claude = next(b for b in report["backends"] if b["backend"] == "claude")
+    assert claude["missing_env"] == ["ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN"]
+    images = {i["image"]: i["cli_found"] for i in report["images"]}
+    assert images[BASE_IMAGE]["claude"] is False
+    assert images["mcp-sandboxes/agent:latest"]["claude"] is True
+
+
+def test_doctor_is_satisfied_by_one_api_key_and_names_an_unreachable_engine() -> None:
+    code, report = run_doctor(
+        "--image",
+        BASE_IMAGE,
+        env={"ANTHROPIC_API_KEY": "sk-test", "MCP_SANDBOXES_PROVIDERS__DOCKER__URL": "unix:///nonexistent.sock"},
+    )
+    claude = next(b for b in report["backends"] if b["backend"] == "claude")
+    assert claude["missing_env"] == []
+    docker = next(p for p in report["providers"] if p["provider"] == "docker")
+    assert docker["available"] is False and "dockerd" in (docker["reason"] or "") + (docker["fix"] or "")
+    # The default provider is down, so no image could be looked into.
+    assert report["images"] == []
+    assert code == 0  # other providers (bubblewrap) still work here
