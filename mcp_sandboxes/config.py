@@ -70,12 +70,18 @@ def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
 
 def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
     """MCP_SANDBOXES_DATA_DIR=... sets server.data_dir; MCP_SANDBOXES_BACKENDS__CLAUDE__CLI_PATH=...
-    sets backends.claude.cli_path (double underscore separates levels below the server table)."""
+    sets backends.claude.cli_path (double underscore separates levels below the server table);
+    MCP_SANDBOXES_BACKENDS__CLAUDE__ENV__SOME_VAR=1 sets the variable SOME_VAR for the claude CLI."""
     overrides: dict[str, Any] = {}
     for key, value in environ.items():
         if not key.startswith(ENV_PREFIX) or key == ENV_PREFIX + "CONFIG":
             continue
-        path = key[len(ENV_PREFIX) :].lower().split("__")
+        raw_path = key[len(ENV_PREFIX) :].split("__")
+        # Keys inside an `env` table are variable names: their case is kept.
+        path = [
+            part if index and raw_path[index - 1].lower() == "env" else part.lower()
+            for index, part in enumerate(raw_path)
+        ]
         if len(path) == 1:
             path = ["server", path[0]]
         node = overrides

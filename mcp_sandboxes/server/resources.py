@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import weakref
 from typing import Any
 
 import anyio
@@ -98,7 +97,9 @@ class ResourceNotifier:
     def __init__(self, server: SandboxesMCPServer, bus: InMemorySubscriptionBus) -> None:
         self._server = server
         self._bus = bus
-        self._legacy: dict[str, weakref.WeakSet[ServerSession]] = {}
+        # Strong references: the SDK may hand each request a fresh session wrapper, which a weak
+        # set would lose at once. A subscriber is dropped when a notice to it fails.
+        self._legacy: dict[str, list[ServerSession]] = {}
         lowlevel = server._lowlevel_server
         lowlevel.add_request_handler("resources/subscribe", types.SubscribeRequestParams, self._subscribe)
         lowlevel.add_request_handler("resources/unsubscribe", types.UnsubscribeRequestParams, self._unsubscribe)
@@ -106,15 +107,16 @@ class ResourceNotifier:
     async def _subscribe(
         self, ctx: ServerRequestContext[Any], params: types.SubscribeRequestParams
     ) -> types.EmptyResult:
-        self._legacy.setdefault(str(params.uri), weakref.WeakSet()).add(ctx.session)
+        subscribers = self._legacy.setdefault(str(params.uri), [])
+        if all(existing is not ctx.session for existing in subscribers):
+            subscribers.append(ctx.session)
         return types.EmptyResult()
 
     async def _unsubscribe(
         self, ctx: ServerRequestContext[Any], params: types.UnsubscribeRequestParams
     ) -> types.EmptyResult:
-        sessions = self._legacy.get(str(params.uri))
-        if sessions is not None:
-            sessions.discard(ctx.session)
+        sessions = self._legacy.get(str(params.uri), [])
+        self._legacy[str(params.uri)] = [s for s in sessions if s is not ctx.session]
         return types.EmptyResult()
 
     async def run(self, orchestrator: Orchestrator) -> None:
@@ -134,4 +136,4 @@ class ResourceNotifier:
                     await session.send_resource_updated(uri)
             except Exception:  # a client that went away must not stop notices to the others
                 logger.debug("dropping resource subscriber for %s", uri, exc_info=True)
-                self._legacy[uri].discard(session)
+                self._legacy[uri] = [s for s in self._legacy.get(uri, []) if s is not session]
