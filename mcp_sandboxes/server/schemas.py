@@ -51,14 +51,19 @@ class NoInput(_Input):
 class SpawnAgentInput(_Input):
     environment: str = Field(description="Environment id or name to run the agent in.")
     prompt: str = Field(description="The first message to the agent.")
-    backend: str = Field(default="claude", description="Agent CLI: 'claude' (more backends per config).")
+    backend: str = Field(
+        default="claude",
+        description="Agent CLI: 'claude', 'codex', 'gemini', 'opencode', 'factory' (Droid) or 'custom' (from config).",
+    )
     model: str | None = Field(default=None, description="Model name passed to the CLI, e.g. 'claude-sonnet-4-5'.")
     system_prompt: str | None = Field(default=None, description="Extra system prompt appended for the agent.")
     allowed_tools: list[str] | None = Field(
         default=None, description="Tools the agent may use without asking, e.g. ['Bash', 'Edit', 'Read']."
     )
     permission_mode: Literal["default", "acceptEdits", "plan", "bypassPermissions", "dontAsk", "auto"] | None = Field(
-        default=None, description="The CLI's permission mode; 'bypassPermissions' lets it act freely in its sandbox."
+        default=None,
+        description="Claude's permission modes. 'bypassPermissions' lets any agent act freely inside its sandbox"
+        " (codex: bypass its own sandbox, gemini: yolo, opencode/droid: skip permission prompts).",
     )
     max_turns: int | None = Field(default=None, ge=1, le=10_000, description="Stop after this many agent turns.")
     wait: bool = Field(default=False, description="Wait for the first turn to end and return its final message.")
