@@ -49,7 +49,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         from mcp_sandboxes.server.app import serve
 
-        token = os.environ.get("MCP_SANDBOXES_AUTH_TOKEN") or None
+        token = settings.server.auth_token or None
         if args.transport == "http" and args.host not in ("127.0.0.1", "localhost", "::1") and not token:
             sys.stderr.write(
                 "mcp-sandboxes: refusing to serve on a non-loopback address without MCP_SANDBOXES_AUTH_TOKEN set\n"

@@ -25,6 +25,9 @@ class ServerSettings(BaseModel):
     max_wait_s: float = Field(default=600, gt=0)
     sandbox_user: str | None = "agent"
     sandbox_home: str = "/home/agent"
+    auth_token: str | None = Field(
+        default=None, description="When set, the HTTP transport requires `Authorization: Bearer <token>`."
+    )
 
 
 class BackendSettings(BaseModel):
