@@ -91,7 +91,7 @@ def cmd_run(state: Path, args: list[str]) -> int:
     container_id = names[-1] if names else os.urandom(16).hex()
     if load(state, container_id) is not None:
         return fail(f'container with id "{container_id}" already exists')
-    labels = dict(label.split("=", 1) if "=" in label else (label, "") for label in pick(options, "-l", "--label"))
+    labels = dict(label.partition("=")[::2] for label in pick(options, "-l", "--label"))
     networks = pick(options, "--network")
     memory = pick(options, "-m", "--memory")
     config = {
@@ -103,7 +103,7 @@ def cmd_run(state: Path, args: list[str]) -> int:
         "network": networks[-1] if networks else "default",
         "cpus": int(pick(options, "-c", "--cpus")[-1]) if pick(options, "-c", "--cpus") else 4,
         "memory": memory[-1] if memory else "1024M",
-        "user": (pick(options, "-u", "--user") or [None])[-1],
+        "user": users[-1] if (users := pick(options, "-u", "--user")) else None,
         "workdir": (pick(options, "-w", "--workdir", "--cwd") or ["/"])[-1],
         "started": datetime.now(UTC).isoformat(),
     }

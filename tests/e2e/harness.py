@@ -95,7 +95,7 @@ async def mcp_server(
     command = [sys.executable, "-m", "mcp_sandboxes", "serve", "--transport", transport]
     if transport == "stdio":
         params = StdioServerParameters(command=command[0], args=command[1:], env=environment, cwd=str(ROOT))
-        async with Client(params, mode=mode, message_handler=message_handler) as client:  # type: ignore[arg-type]
+        async with Client(params, mode=mode, message_handler=message_handler) as client:
             yield McpSession(client, transport)
         return
     port = free_port()
@@ -118,7 +118,7 @@ async def mcp_server(
                     break
                 except httpx.TransportError:
                     await anyio.sleep(0.1)
-        async with Client(url, mode=mode, message_handler=message_handler) as client:  # type: ignore[arg-type]
+        async with Client(url, mode=mode, message_handler=message_handler) as client:
             yield McpSession(client, transport)
     finally:
         with anyio.CancelScope(shield=True):
