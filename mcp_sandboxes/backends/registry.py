@@ -17,6 +17,7 @@ BackendFactory = Callable[[BackendSettings, Mapping[str, str]], Backend]
 # (for `pass_env`) and returns a Backend.
 _FACTORIES: dict[str, str] = {
     "claude": "mcp_sandboxes.backends.claude:ClaudeBackend.from_settings",
+    "codex": "mcp_sandboxes.backends.codex:CodexBackend.from_settings",
     "opencode": "mcp_sandboxes.backends.opencode:OpencodeBackend.from_settings",
 }
 
