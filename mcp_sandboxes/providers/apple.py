@@ -25,6 +25,7 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Any
 
 import anyio
@@ -37,6 +38,7 @@ from mcp_sandboxes.errors import (
     ProviderUnavailableError,
     SandboxGoneError,
 )
+from mcp_sandboxes.providers._cleanup import removed_on_failure
 from mcp_sandboxes.providers._remote_support import (
     CLEANUP_TIMEOUT_S,
     STATE_DIR,
@@ -140,7 +142,7 @@ class AppleContainerProvider:
             args += ["--mount", option + (",readonly" if mount.read_only else "")]
         # A long sleep as the init process keeps the VM up for exec; images without sleep do not fit.
         args += [spec.image, "sleep", "2147483647"]
-        try:
+        async with removed_on_failure(partial(self.destroy, container_id), cleanup_timeout_s=CLEANUP_TIMEOUT_S):
             result = await self.cli(args, limit_s=DEFAULT_CREATE_TIMEOUT_S)
             if result.returncode != 0:
                 message = result.stderr.decode(errors="replace").strip()
@@ -151,10 +153,6 @@ class AppleContainerProvider:
             made = await sandbox.exec(["mkdir", "-p", spec.workdir], cwd="/", user="0", timeout=CLI_TIMEOUT_S)
             if not made.ok:
                 raise ProviderError(f"apple: could not create {spec.workdir}: {made.stderr.decode(errors='replace')}")
-        except BaseException:
-            with anyio.CancelScope(shield=True), anyio.move_on_after(CLEANUP_TIMEOUT_S):
-                await self.destroy(container_id)
-            raise
         return sandbox
 
     async def _containers(self) -> list[dict[str, Any]]:

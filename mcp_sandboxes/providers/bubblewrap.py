@@ -46,6 +46,7 @@ from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +64,7 @@ from mcp_sandboxes.errors import (
 from mcp_sandboxes.providers import _bwrap_root as rootfs
 from mcp_sandboxes.providers._bwrap_holder import Holder, start_holder
 from mcp_sandboxes.providers._bwrap_limits import Limiter, LimitsMethod, probe_limiter, remove_cgroups
+from mcp_sandboxes.providers._cleanup import removed_on_failure
 from mcp_sandboxes.providers._local_process import (
     LocalExecStream,
     check_exec_args,
@@ -264,16 +266,12 @@ class BubblewrapProvider:
                 limiter.method,
             )
         sandbox_id = new_sandbox_id(ID_PREFIX)
-        try:
+        async with removed_on_failure(partial(self.destroy, sandbox_id), cleanup_timeout_s=DESTROY_TIMEOUT_S):
             with anyio.fail_after(DEFAULT_CREATE_TIMEOUT_S):
                 layout = await anyio.to_thread.run_sync(self._make, sandbox_id, spec, limiter)
                 sandbox = BubblewrapSandbox(self, sandbox_id, layout)
                 # Started now, not at the first command: a bad bind fails create, not a turn.
                 await self.holder(sandbox_id, layout)
-        except BaseException:
-            with anyio.CancelScope(shield=True), anyio.move_on_after(DESTROY_TIMEOUT_S):
-                await self.destroy(sandbox_id)
-            raise
         return sandbox
 
     def _make(self, sandbox_id: str, spec: SandboxSpec, limiter: Limiter) -> _Layout:

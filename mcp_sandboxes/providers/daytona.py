@@ -37,6 +37,7 @@ import signal as _signal
 import urllib.parse
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Any
 
 import anyio
@@ -52,6 +53,7 @@ from mcp_sandboxes.errors import (
     ProviderUnavailableError,
     SandboxGoneError,
 )
+from mcp_sandboxes.providers._cleanup import removed_on_failure
 from mcp_sandboxes.providers._remote_support import (
     CLEANUP_TIMEOUT_S,
     CONNECT_TIMEOUT_S,
@@ -192,7 +194,7 @@ class DaytonaProvider:
             raise self._failed("creating a sandbox", response)
         created = response.json()
         sandbox_id = str(created["id"])
-        try:
+        async with removed_on_failure(partial(self.destroy, sandbox_id), cleanup_timeout_s=CLEANUP_TIMEOUT_S):
             detail = await self._wait_started(sandbox_id, created)
             sandbox = DaytonaSandbox(self, sandbox_id, str(detail["toolboxProxyUrl"]), spec.workdir, detail.get("user"))
             result = await sandbox.exec(["mkdir", "-p", spec.workdir], cwd="/", timeout=HELPER_TIMEOUT_S)
@@ -200,10 +202,6 @@ class DaytonaProvider:
                 raise ProviderError(
                     f"daytona: could not create {spec.workdir}: {result.stderr.decode(errors='replace')}"
                 )
-        except BaseException:
-            with anyio.CancelScope(shield=True), anyio.move_on_after(CLEANUP_TIMEOUT_S):
-                await self.destroy(sandbox_id)
-            raise
         return sandbox
 
     async def _wait_started(self, sandbox_id: str, detail: dict[str, Any]) -> dict[str, Any]:

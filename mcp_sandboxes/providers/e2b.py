@@ -27,6 +27,7 @@ import struct
 import urllib.parse
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Any
 
 import anyio
@@ -34,6 +35,7 @@ import anyio.abc
 import httpx
 
 from mcp_sandboxes.errors import InvalidInputError, NotFoundError, ProviderError, SandboxGoneError
+from mcp_sandboxes.providers._cleanup import removed_on_failure
 from mcp_sandboxes.providers._remote_support import (
     CLEANUP_TIMEOUT_S,
     ROOT_USERS,
@@ -202,7 +204,7 @@ class E2BProvider:
             workdir=spec.workdir,
             user=spec.user,
         )
-        try:
+        async with removed_on_failure(partial(self.destroy, sandbox.id), cleanup_timeout_s=CLEANUP_TIMEOUT_S):
             # Templates do not promise the working directory; make it, owned by the default user.
             setup = ["mkdir", "-p", spec.workdir]
             result = await sandbox.exec(["sh", "-c", quote(setup)], user="root", cwd="/", timeout=60)
@@ -210,10 +212,6 @@ class E2BProvider:
                 raise ProviderError(f"e2b: could not create {spec.workdir}: {result.stderr.decode(errors='replace')}")
             if spec.user and spec.user not in ROOT_USERS:
                 await sandbox.exec(["chown", spec.user, spec.workdir], user="root", cwd="/", timeout=60)
-        except BaseException:
-            with anyio.CancelScope(shield=True), anyio.move_on_after(CLEANUP_TIMEOUT_S):
-                await self.destroy(sandbox.id)
-            raise
         return sandbox
 
     async def attach(self, sandbox_id: str) -> Sandbox | None:

@@ -40,6 +40,7 @@ import secrets
 import signal as _signal
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Any
 
 import anyio
@@ -47,6 +48,7 @@ import anyio.abc
 import httpx
 
 from mcp_sandboxes.errors import NotFoundError, ProviderError, SandboxGoneError
+from mcp_sandboxes.providers._cleanup import removed_unless_ready
 from mcp_sandboxes.providers._remote_http import (
     RemoteApiError,
     RemoteNotFoundError,
@@ -245,25 +247,20 @@ class FlyProvider:
         response = await self._api.request("POST", self.machines_path(), json=body, timeout_s=self.create_timeout_s)
         machine = response.json()
         machine_id = str(machine["id"])
-        try:
-            with anyio.fail_after(self.create_timeout_s):
-                await self._wait_started(machine_id, str(machine.get("instance_id") or ""))
-                sandbox = FlySandbox(self, machine_id, spec)
-                result = await sandbox.run_root(f"mkdir -p {q(spec.workdir)}")
-                if not result.ok:
-                    raise ProviderError(
-                        f"Fly: could not create workdir {spec.workdir!r} in machine {machine_id}: "
-                        f"{result.stderr.decode(errors='replace').strip()}"
-                    )
-        except BaseException as exc:
-            # A machine that never became usable is removed, so a failed create leaves nothing.
-            with anyio.CancelScope(shield=True), anyio.move_on_after(CLEANUP_TIMEOUT_S):
-                await self.destroy(machine_id)
-            if isinstance(exc, TimeoutError):
+        async with removed_unless_ready(
+            partial(self.destroy, machine_id),
+            what="Fly: the new machine",
+            within_s=self.create_timeout_s,
+            cleanup_timeout_s=CLEANUP_TIMEOUT_S,
+        ):
+            await self._wait_started(machine_id, str(machine.get("instance_id") or ""))
+            sandbox = FlySandbox(self, machine_id, spec)
+            result = await sandbox.run_root(f"mkdir -p {q(spec.workdir)}")
+            if not result.ok:
                 raise ProviderError(
-                    f"Fly: the new machine was not ready within {self.create_timeout_s:g}s; it was removed"
-                ) from None
-            raise
+                    f"Fly: could not create workdir {spec.workdir!r} in machine {machine_id}: "
+                    f"{result.stderr.decode(errors='replace').strip()}"
+                )
         return sandbox
 
     async def _wait_started(self, machine_id: str, instance_id: str) -> None:

@@ -23,6 +23,7 @@ from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ import anyio
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from mcp_sandboxes.errors import InvalidInputError, NotFoundError, ProviderError, SandboxGoneError
+from mcp_sandboxes.providers._cleanup import removed_on_failure
 from mcp_sandboxes.providers._local_process import (
     LocalExecStream,
     check_exec_args,
@@ -115,12 +117,8 @@ class ProcessProvider:
         if any(value is not None for value in spec.limits.model_dump().values()):
             logger.warning("process provider: limits %s are not enforced", spec.limits.model_dump(exclude_none=True))
         sandbox_id = new_sandbox_id(ID_PREFIX)
-        try:
+        async with removed_on_failure(partial(self.destroy, sandbox_id), cleanup_timeout_s=DESTROY_TIMEOUT_S):
             metadata = await anyio.to_thread.run_sync(self._make, sandbox_id, spec)
-        except BaseException:
-            with anyio.CancelScope(shield=True), anyio.move_on_after(DESTROY_TIMEOUT_S):
-                await self.destroy(sandbox_id)
-            raise
         return ProcessSandbox(self, sandbox_id, self._places(sandbox_id, metadata))
 
     def _make(self, sandbox_id: str, spec: SandboxSpec) -> dict[str, Any]:

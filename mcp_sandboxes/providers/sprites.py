@@ -38,6 +38,7 @@ import secrets
 import signal as _signal
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Any
 from urllib.parse import urlencode
 
@@ -54,6 +55,7 @@ from mcp_sandboxes.errors import (
     ProviderUnavailableError,
     SandboxGoneError,
 )
+from mcp_sandboxes.providers._cleanup import removed_unless_ready
 from mcp_sandboxes.providers._remote_http import (
     DEFAULT_CONNECT_TIMEOUT_S,
     RemoteApiError,
@@ -185,26 +187,21 @@ class SpritesProvider:
         if config:
             body["config"] = config
         await self._api.request("POST", "/v1/sprites", json=body, timeout_s=self.create_timeout_s, ok=(200, 201))
-        try:
-            with anyio.fail_after(self.create_timeout_s):
-                sandbox = SpritesSandbox(self, name, spec)
-                workdir = q(spec.workdir)
-                script = f'mkdir -p {workdir} && chown "${{SUDO_USER:-$(id -un)}}" {workdir}'
-                result = await sandbox.run_script(script, user="root", cwd="/")
-                if not result.ok:
-                    raise ProviderError(
-                        f"Sprites: could not create workdir {spec.workdir!r} in sprite {name}: "
-                        f"{result.stderr.decode(errors='replace').strip()}"
-                    )
-        except BaseException as exc:
-            # A sprite that never became usable is removed, so a failed create leaves nothing.
-            with anyio.CancelScope(shield=True), anyio.move_on_after(CLEANUP_TIMEOUT_S):
-                await self.destroy(name)
-            if isinstance(exc, TimeoutError):
+        async with removed_unless_ready(
+            partial(self.destroy, name),
+            what="Sprites: the new sprite",
+            within_s=self.create_timeout_s,
+            cleanup_timeout_s=CLEANUP_TIMEOUT_S,
+        ):
+            sandbox = SpritesSandbox(self, name, spec)
+            workdir = q(spec.workdir)
+            script = f'mkdir -p {workdir} && chown "${{SUDO_USER:-$(id -un)}}" {workdir}'
+            result = await sandbox.run_script(script, user="root", cwd="/")
+            if not result.ok:
                 raise ProviderError(
-                    f"Sprites: the new sprite was not ready within {self.create_timeout_s:g}s; it was removed"
-                ) from None
-            raise
+                    f"Sprites: could not create workdir {spec.workdir!r} in sprite {name}: "
+                    f"{result.stderr.decode(errors='replace').strip()}"
+                )
         return sandbox
 
     async def attach(self, sandbox_id: str) -> SpritesSandbox | None:

@@ -43,6 +43,7 @@ import signal as _signal
 import tarfile
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Any
 
 import anyio
@@ -50,6 +51,7 @@ import anyio.abc
 import httpx
 
 from mcp_sandboxes.errors import NotFoundError, ProviderError, SandboxGoneError
+from mcp_sandboxes.providers._cleanup import removed_unless_ready
 from mcp_sandboxes.providers._remote_http import (
     RemoteApiError,
     RemoteNotFoundError,
@@ -215,29 +217,22 @@ class VercelProvider:
             body["networkPolicy"] = {"mode": "deny-all"}
         response = await self._api.request("POST", "/v2/sandboxes", json=body, timeout_s=self.create_timeout_s)
         session = response.json()["session"]
-        try:
-            with anyio.fail_after(self.create_timeout_s):
-                session = await self._wait_running(str(session["id"]), session)
-                sandbox = VercelSandbox(self, name, str(session["id"]), spec)
-                # The default user may not own the workdir's parent: create it as root, hand it over.
-                script = (
-                    f'mkdir -p {q(spec.workdir)} && {{ [ -z "$SUDO_USER" ] || chown "$SUDO_USER" {q(spec.workdir)}; }}'
-                )
-                result = await sandbox.run_script(script, sudo=True, cwd="/")
-                if not result.ok:
-                    raise ProviderError(
-                        f"Vercel: could not create workdir {spec.workdir!r} in sandbox {name}: "
-                        f"{result.stderr.decode(errors='replace').strip()}"
-                    )
-        except BaseException as exc:
-            # A sandbox that never became usable is removed, so a failed create leaves nothing.
-            with anyio.CancelScope(shield=True), anyio.move_on_after(CLEANUP_TIMEOUT_S):
-                await self.destroy(name)
-            if isinstance(exc, TimeoutError):
+        async with removed_unless_ready(
+            partial(self.destroy, name),
+            what="Vercel: the new sandbox",
+            within_s=self.create_timeout_s,
+            cleanup_timeout_s=CLEANUP_TIMEOUT_S,
+        ):
+            session = await self._wait_running(str(session["id"]), session)
+            sandbox = VercelSandbox(self, name, str(session["id"]), spec)
+            # The default user may not own the workdir's parent: create it as root, hand it over.
+            script = f'mkdir -p {q(spec.workdir)} && {{ [ -z "$SUDO_USER" ] || chown "$SUDO_USER" {q(spec.workdir)}; }}'
+            result = await sandbox.run_script(script, sudo=True, cwd="/")
+            if not result.ok:
                 raise ProviderError(
-                    f"Vercel: the new sandbox was not ready within {self.create_timeout_s:g}s; it was removed"
-                ) from None
-            raise
+                    f"Vercel: could not create workdir {spec.workdir!r} in sandbox {name}: "
+                    f"{result.stderr.decode(errors='replace').strip()}"
+                )
         return sandbox
 
     async def _wait_running(self, session_id: str, session: Mapping[str, Any]) -> Mapping[str, Any]:
