@@ -18,6 +18,7 @@ BackendFactory = Callable[[BackendSettings, Mapping[str, str]], Backend]
 _FACTORIES: dict[str, str] = {
     "claude": "mcp_sandboxes.backends.claude:ClaudeBackend.from_settings",
     "codex": "mcp_sandboxes.backends.codex:CodexBackend.from_settings",
+    "gemini": "mcp_sandboxes.backends.gemini:GeminiBackend.from_settings",
     "opencode": "mcp_sandboxes.backends.opencode:OpencodeBackend.from_settings",
 }
 
