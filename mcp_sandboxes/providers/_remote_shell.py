@@ -1,4 +1,4 @@
-"""POSIX shell wrapping and output plumbing shared by the remote providers.
+"""POSIX shell wrapping shared by the remote providers.
 
 Vendor exec APIs differ in what they take: Fly's exec has no cwd, env or user, Sprites
 replaces the whole environment when given any variable, Vercel has no per-command
@@ -10,16 +10,12 @@ vendor has no signal API, records the process id so a later command can signal i
 
 from __future__ import annotations
 
-import math
 import shlex
 import signal as _signal
-from collections.abc import AsyncIterator, Mapping
-
-import anyio
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+from collections.abc import Mapping
 
 from mcp_sandboxes.errors import InvalidInputError
-from mcp_sandboxes.providers.base import OutputChunk, SandboxSpec
+from mcp_sandboxes.providers.base import SandboxSpec
 
 SHELL = "/bin/sh"
 
@@ -103,54 +99,6 @@ def reject_unsupported(spec: SandboxSpec, provider: str, *, network_none: bool) 
             f"{provider} sandboxes always have the vendor's network and cannot run with network 'none'; "
             "set network = 'host' for this environment, or use a provider that can isolate the network",
         )
-
-
-class OutputChannel:
-    """Chunks from a remote process, in arrival order, plus its exit code.
-
-    The buffer is unbounded on purpose: Fly and Vercel keep output on their side and run
-    the process whether or not we read, so holding back here would only keep a caller who
-    waits for the exit code without reading from ever seeing it.
-    """
-
-    def __init__(self) -> None:
-        send: MemoryObjectSendStream[OutputChunk]
-        receive: MemoryObjectReceiveStream[OutputChunk]
-        send, receive = anyio.create_memory_object_stream[OutputChunk](math.inf)
-        self._send = send
-        self._receive = receive
-        self._exit_code: int | None = None
-        self._error: BaseException | None = None
-        self.finished = anyio.Event()
-
-    def put(self, stream: str, data: bytes) -> None:
-        if data and not self.finished.is_set():
-            self._send.send_nowait(OutputChunk("stderr" if stream == "stderr" else "stdout", data))
-
-    def finish(self, exit_code: int, error: BaseException | None = None) -> None:
-        if self.finished.is_set():
-            return
-        self._exit_code = exit_code
-        self._error = error
-        self._send.close()
-        self.finished.set()
-
-    @property
-    def exit_code(self) -> int | None:
-        return self._exit_code
-
-    async def chunks(self) -> AsyncIterator[OutputChunk]:
-        async for chunk in self._receive:
-            yield chunk
-        if self._error is not None:
-            raise self._error
-
-    async def wait(self) -> int:
-        await self.finished.wait()
-        if self._error is not None:
-            raise self._error
-        assert self._exit_code is not None
-        return self._exit_code
 
 
 def captured(script: str, directory: str) -> str:

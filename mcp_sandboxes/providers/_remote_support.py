@@ -1,6 +1,6 @@
 """Pieces shared by the providers that drive a sandbox service we do not run ourselves
 (E2B, Daytona, Modal, Apple `container`): secrets handling, error translation, shell
-quoting for wrapper scripts, and an ExecStream fed by a background reader task.
+quoting for wrapper scripts.
 
 Secrets (API keys, tokens) come from the provider settings or an environment variable,
 never from tool arguments, and every message built here is scrubbed of them.
@@ -11,23 +11,18 @@ from __future__ import annotations
 import os
 import shlex
 import signal as _signal
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
-import anyio
 import httpx
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from mcp_sandboxes.errors import ProviderError, ProviderUnavailableError
-from mcp_sandboxes.providers.base import OutputChunk
 
 # Control-plane calls (create, list, delete) and data-plane calls (files, signals).
 CONTROL_TIMEOUT_S = 60.0
 CONNECT_TIMEOUT_S = 15.0
 # How long cleanup (kill, delete) may take when a caller leaves a stream or is cancelled.
 CLEANUP_TIMEOUT_S = 15.0
-# Output chunks buffered between the reader task and the consumer; the reader waits when full.
-STREAM_BUFFER_CHUNKS = 64
 # Where wrapper scripts keep per-process state (pid, stdin FIFO) inside a sandbox.
 STATE_DIR = "/tmp/.mcp-sandboxes"
 
@@ -109,71 +104,3 @@ def signal_name(signum: int) -> str:
         return _signal.Signals(signum).name
     except ValueError:
         return str(signum)
-
-
-class OutputQueue:
-    """The consumer side of an ExecStream: a bounded channel of output chunks plus the exit code.
-
-    A reader task (one per process) calls `put` for each chunk as it arrives and `finish`
-    once the process has ended; `put` waits while the consumer is behind.
-    """
-
-    def __init__(self) -> None:
-        send, receive = anyio.create_memory_object_stream[OutputChunk](STREAM_BUFFER_CHUNKS)
-        self._send: MemoryObjectSendStream[OutputChunk] = send
-        self._receive: MemoryObjectReceiveStream[OutputChunk] = receive
-        self._ended = anyio.Event()
-        self.exit_code: int | None = None
-        self.error: BaseException | None = None
-
-    async def put(self, stream: str, data: bytes) -> None:
-        if not data:
-            return
-        chunk = OutputChunk(stream="stderr" if stream == "stderr" else "stdout", data=data)
-        try:
-            await self._send.send(chunk)
-        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
-            pass  # nobody reads any more; the exit code still matters
-
-    def finish(self, exit_code: int | None, error: BaseException | None = None) -> None:
-        if self._ended.is_set():
-            return
-        self.exit_code = exit_code
-        self.error = error
-        self._send.close()
-        self._ended.set()
-
-    @property
-    def ended(self) -> bool:
-        return self._ended.is_set()
-
-    async def chunks(self) -> AsyncIterator[OutputChunk]:
-        async for chunk in self._receive:
-            yield chunk
-        if self.error is not None:
-            raise self.error
-
-    async def wait(self) -> int:
-        await self._ended.wait()
-        if self.error is not None:
-            raise self.error
-        return -1 if self.exit_code is None else self.exit_code
-
-    def close_reader(self) -> None:
-        self._receive.close()
-
-
-def sole_exception(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    """The one error inside a task group's exception group, so callers see the error
-    itself; a group with several errors is returned unchanged."""
-    leaves: list[BaseException] = []
-
-    def collect(exc: BaseException) -> None:
-        if isinstance(exc, BaseExceptionGroup):
-            for inner in exc.exceptions:
-                collect(inner)
-        else:
-            leaves.append(exc)
-
-    collect(group)
-    return leaves[0] if len(leaves) == 1 else group

@@ -39,12 +39,11 @@ from mcp_sandboxes.errors import (
     SandboxGoneError,
 )
 from mcp_sandboxes.providers._cleanup import removed_on_failure
+from mcp_sandboxes.providers._remote_stream import QueuedStream, followed, sole_exception
 from mcp_sandboxes.providers._remote_support import (
     CLEANUP_TIMEOUT_S,
     STATE_DIR,
-    OutputQueue,
     quote,
-    sole_exception,
 )
 from mcp_sandboxes.providers.base import (
     DEFAULT_CREATE_TIMEOUT_S,
@@ -55,7 +54,6 @@ from mcp_sandboxes.providers.base import (
     Availability,
     ExecResult,
     ExecStream,
-    OutputChunk,
     Sandbox,
     SandboxSpec,
 )
@@ -264,18 +262,8 @@ class AppleSandbox:
         process = await anyio.open_process([self._owner._cli, *args])
         stream = AppleProcess(self, process, pid_file)
         try:
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(stream.pump)
-                try:
-                    yield stream
-                finally:
-                    with anyio.CancelScope(shield=True), anyio.move_on_after(CLEANUP_TIMEOUT_S):
-                        if not stream.output.ended:
-                            await stream.signal(_signal.SIGKILL)
-                            # The reader task may be cancelled with the caller; wait on the CLI itself.
-                            await process.wait()
-                        await self._owner.cli(["exec", self.id, "rm", "-f", pid_file])
-                    tg.cancel_scope.cancel()
+            async with followed(stream, stream.pump, stream.stop, cleanup_timeout_s=CLEANUP_TIMEOUT_S) as started:
+                yield started
         except BaseExceptionGroup as group:
             raise sole_exception(group) from None
         finally:
@@ -301,12 +289,12 @@ class AppleSandbox:
         return result.stdout
 
 
-class AppleProcess:
+class AppleProcess(QueuedStream):
     def __init__(self, sandbox: AppleSandbox, process: anyio.abc.Process, pid_file: str) -> None:
+        super().__init__()
         self._sandbox = sandbox
         self._process = process
         self._pid_file = pid_file
-        self.output = OutputQueue()
 
     async def pump(self) -> None:
         async def read(stream: anyio.abc.ByteReceiveStream | None, name: str) -> None:
@@ -319,9 +307,6 @@ class AppleProcess:
             tg.start_soon(read, self._process.stdout, "stdout")
             tg.start_soon(read, self._process.stderr, "stderr")
         self.output.finish(await self._process.wait())
-
-    def __aiter__(self) -> AsyncIterator[OutputChunk]:
-        return self.output.chunks()
 
     async def send_stdin(self, data: bytes) -> None:
         if self._process.stdin is not None:
@@ -345,8 +330,13 @@ class AppleProcess:
         if result.returncode != 0 and not self.output.ended:
             raise ProviderError(f"apple: signal {signum} failed: {result.stderr.decode(errors='replace').strip()}")
 
-    async def wait(self) -> int:
-        return await self.output.wait()
+    async def stop(self) -> None:
+        """Kill the command unless it ended, and remove its pid file."""
+        if not self.output.ended:
+            await self.signal(_signal.SIGKILL)
+            # The reader task may be cancelled with the caller; wait on the CLI itself.
+            await self._process.wait()
+        await self._sandbox._owner.cli(["exec", self._sandbox.id, "rm", "-f", self._pid_file])
 
 
 __all__ = ["AppleContainerProvider", "AppleSandbox"]

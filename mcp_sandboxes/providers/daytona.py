@@ -54,18 +54,17 @@ from mcp_sandboxes.errors import (
     SandboxGoneError,
 )
 from mcp_sandboxes.providers._cleanup import removed_on_failure
+from mcp_sandboxes.providers._remote_stream import QueuedStream, followed, sole_exception
 from mcp_sandboxes.providers._remote_support import (
     CLEANUP_TIMEOUT_S,
     CONNECT_TIMEOUT_S,
     ROOT_USERS,
     STATE_DIR,
-    OutputQueue,
     env_prefix,
     http_timeout,
     quote,
     redact,
     setting_or_env,
-    sole_exception,
     status_error,
     transport_error,
 )
@@ -78,7 +77,6 @@ from mcp_sandboxes.providers.base import (
     Availability,
     ExecResult,
     ExecStream,
-    OutputChunk,
     Sandbox,
     SandboxSpec,
 )
@@ -342,16 +340,10 @@ class DaytonaSandbox:
             raise InvalidInputError("argv", "the command is empty")
         process = DaytonaProcess(self)
         command = [*_sudo(user, self.user), *env_prefix(env), *argv]
+        await process.start(command, cwd or self.workdir or "/")
         try:
-            async with anyio.create_task_group() as tg:
-                await process.start(command, cwd or self.workdir or "/")
-                try:
-                    tg.start_soon(process.pump)
-                    yield process
-                finally:
-                    with anyio.CancelScope(shield=True), anyio.move_on_after(CLEANUP_TIMEOUT_S):
-                        await process.cleanup()
-                    tg.cancel_scope.cancel()
+            async with followed(process, process.pump, process.cleanup, cleanup_timeout_s=CLEANUP_TIMEOUT_S) as started:
+                yield started
         except BaseExceptionGroup as group:
             raise sole_exception(group) from None
 
@@ -387,15 +379,15 @@ class DaytonaSandbox:
         return response.content
 
 
-class DaytonaProcess:
+class DaytonaProcess(QueuedStream):
     """A command in its own toolbox session, its output followed over the logs WebSocket."""
 
     def __init__(self, sandbox: DaytonaSandbox) -> None:
+        super().__init__()
         self._sandbox = sandbox
         self.session = "mcp-" + secrets.token_hex(8)
         self.state = f"{STATE_DIR}/{self.session}"
         self.command_id = ""
-        self.output = OutputQueue()
         self._chunks = 0
 
     async def _session_call(self, method: str, path: str, action: str, **kwargs: Any) -> httpx.Response:
@@ -468,9 +460,6 @@ class DaytonaProcess:
 
     # -- ExecStream -----------------------------------------------------------------
 
-    def __aiter__(self) -> AsyncIterator[OutputChunk]:
-        return self.output.chunks()
-
     async def send_stdin(self, data: bytes) -> None:
         if not data:
             return
@@ -492,9 +481,6 @@ class DaytonaProcess:
             return
         pid = quote([f"{self.state}/pid"])
         await self._helper(f'{self._wait_for("pid")}kill -{int(signum)} "$(cat {pid})"', f"sending signal {signum}")
-
-    async def wait(self) -> int:
-        return await self.output.wait()
 
     async def cleanup(self) -> None:
         state = quote([self.state])

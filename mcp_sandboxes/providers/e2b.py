@@ -36,16 +36,15 @@ import httpx
 
 from mcp_sandboxes.errors import InvalidInputError, NotFoundError, ProviderError, SandboxGoneError
 from mcp_sandboxes.providers._cleanup import removed_on_failure
+from mcp_sandboxes.providers._remote_stream import QueuedStream, sole_exception
 from mcp_sandboxes.providers._remote_support import (
     CLEANUP_TIMEOUT_S,
     ROOT_USERS,
-    OutputQueue,
     http_timeout,
     quote,
     setting_or_env,
     signal_exit_code,
     signal_name,
-    sole_exception,
     status_error,
     transport_error,
 )
@@ -57,7 +56,6 @@ from mcp_sandboxes.providers.base import (
     Availability,
     ExecResult,
     ExecStream,
-    OutputChunk,
     Sandbox,
     SandboxSpec,
 )
@@ -413,13 +411,13 @@ def _envd_error(
     return status_error("e2b", action, response, secrets, key_hint=KEY_HINT)
 
 
-class E2BProcess:
+class E2BProcess(QueuedStream):
     """A process started through envd's Process/Start stream."""
 
     def __init__(self, sandbox: E2BSandbox, user: str | None) -> None:
+        super().__init__()
         self._sandbox = sandbox
         self._user = user
-        self.output = OutputQueue()
         self.pid: int | None = None
 
     async def run(self, request: Mapping[str, Any], *, task_status: anyio.abc.TaskStatus[int]) -> None:
@@ -480,9 +478,6 @@ class E2BProcess:
 
     # -- ExecStream -----------------------------------------------------------------
 
-    def __aiter__(self) -> AsyncIterator[OutputChunk]:
-        return self.output.chunks()
-
     def _selector(self) -> dict[str, Any]:
         return {"pid": self.pid}
 
@@ -512,9 +507,6 @@ class E2BProcess:
             await self.signal(_signal.SIGKILL)
         except ProviderError:
             pass  # the process (or the whole sandbox) is already gone
-
-    async def wait(self) -> int:
-        return await self.output.wait()
 
 
 async def _read_envelopes(response: httpx.Response) -> AsyncIterator[tuple[int, dict[str, Any]]]:

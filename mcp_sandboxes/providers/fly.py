@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import math
 import secrets
 import signal as _signal
 from collections.abc import AsyncIterator, Mapping
@@ -57,13 +58,13 @@ from mcp_sandboxes.providers._remote_http import (
 )
 from mcp_sandboxes.providers._remote_shell import (
     SHELL,
-    OutputChannel,
     captured,
     q,
     reject_unsupported,
     signal_name,
     wrap,
 )
+from mcp_sandboxes.providers._remote_stream import QueuedStream, followed
 from mcp_sandboxes.providers.base import (
     DEFAULT_CREATE_TIMEOUT_S,
     DEFAULT_EXEC_TIMEOUT_S,
@@ -72,7 +73,6 @@ from mcp_sandboxes.providers.base import (
     SANDBOX_NAME_LABEL,
     Availability,
     ExecResult,
-    OutputChunk,
     SandboxSpec,
 )
 
@@ -422,14 +422,10 @@ class FlySandbox:
     ) -> AsyncIterator[FlyProcess]:
         process = FlyProcess(self, self._owner.poll_interval_s)
         await process.start(self.command_script(argv, env=env, cwd=cwd, user=user, pidfile=f"{process.dir}/pid"))
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(process.poll_until_exit)
-            try:
-                yield process
-            finally:
-                with anyio.CancelScope(shield=True), anyio.move_on_after(CLEANUP_TIMEOUT_S):
-                    await process.terminate()
-                tg.cancel_scope.cancel()
+        async with followed(
+            process, process.poll_until_exit, process.terminate, cleanup_timeout_s=CLEANUP_TIMEOUT_S
+        ) as started:
+            yield started
 
     async def put_file(self, path: str, data: bytes, mode: int = 0o644, user: str | None = None) -> None:
         script = f'mkdir -p "$(dirname {q(path)})" && base64 -d > {q(path)} && chmod {mode:o} {q(path)}'
@@ -457,7 +453,7 @@ class FlySandbox:
             raise ProviderError(f"Fly: {path} in machine {self.id} came back garbled: {exc}") from None
 
 
-class FlyProcess:
+class FlyProcess(QueuedStream):
     """A command started in the background of a Fly Machine and followed by polling.
 
     Fly's exec returns only when its command ends, so a stream is built from several
@@ -471,12 +467,12 @@ class FlyProcess:
     """
 
     def __init__(self, sandbox: FlySandbox, poll_interval_s: float) -> None:
+        super().__init__(limit=math.inf)
         self._sandbox = sandbox
         self._poll_interval_s = poll_interval_s
         self.dir = f"/tmp/.mcp-sandboxes-{secrets.token_hex(8)}"
         self._offsets = {"stdout": 0, "stderr": 0}
         self._stdin_closed = False
-        self._channel = OutputChannel()
 
     async def start(self, script: str) -> None:
         d = q(self.dir)
@@ -514,10 +510,10 @@ class FlyProcess:
         for stream, text in zip(("stdout", "stderr"), sections, strict=True):
             data = base64.b64decode(text)
             self._offsets[stream] += len(data)
-            self._channel.put(stream, data)
+            self.output.put_nowait(stream, data)
         exit_text = "".join(lines[marks[1] + 1 :]).strip()
         if exit_text:
-            self._channel.finish(int(exit_text))
+            self.output.finish(int(exit_text))
             return True
         return False
 
@@ -527,11 +523,7 @@ class FlyProcess:
             while not await self.poll():  # noqa: ASYNC110
                 await anyio.sleep(self._poll_interval_s)
         except Exception as exc:
-            self._channel.finish(-1, exc)
-
-    async def __aiter__(self) -> AsyncIterator[OutputChunk]:
-        async for chunk in self._channel.chunks():
-            yield chunk
+            self.output.finish(-1, exc)
 
     async def send_stdin(self, data: bytes) -> None:
         if self._stdin_closed:
@@ -550,7 +542,7 @@ class FlyProcess:
         await self._sandbox.run_root(f'kill "$(cat {q(self.dir)}/holder)" 2>/dev/null; exit 0')
 
     async def signal(self, signum: int = _signal.SIGTERM) -> None:
-        if self._channel.finished.is_set():
+        if self.output.ended:
             return
         pid = f"{q(self.dir)}/pid"
         # The pid file is written first thing by the wrapper; wait for it a bounded while.
@@ -561,13 +553,10 @@ class FlyProcess:
         with anyio.fail_after(SIGNAL_TIMEOUT_S):
             await self._sandbox.run_root(script, timeout_s=SIGNAL_TIMEOUT_S)
 
-    async def wait(self) -> int:
-        return await self._channel.wait()
-
     async def terminate(self) -> None:
         """Kill the command if it still runs, end the FIFO holder, remove the files."""
         d = q(self.dir)
-        kill = "" if self._channel.finished.is_set() else f'[ -s {d}/pid ] && kill -9 "$(cat {d}/pid)" 2>/dev/null; '
+        kill = "" if self.output.ended else f'[ -s {d}/pid ] && kill -9 "$(cat {d}/pid)" 2>/dev/null; '
         try:
             await self._sandbox.run_root(f'{kill}kill "$(cat {d}/holder)" 2>/dev/null; rm -rf {d}; exit 0')
         except (ProviderError, TimeoutError):

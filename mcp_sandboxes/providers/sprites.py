@@ -34,6 +34,7 @@ Notes on what this module does with it:
 from __future__ import annotations
 
 import json
+import math
 import secrets
 import signal as _signal
 from collections.abc import AsyncIterator, Mapping
@@ -65,20 +66,19 @@ from mcp_sandboxes.providers._remote_http import (
 )
 from mcp_sandboxes.providers._remote_shell import (
     SHELL,
-    OutputChannel,
     as_user,
     inner_script,
     q,
     reject_unsupported,
     signal_name,
 )
+from mcp_sandboxes.providers._remote_stream import QueuedStream, followed
 from mcp_sandboxes.providers.base import (
     DEFAULT_CREATE_TIMEOUT_S,
     DEFAULT_EXEC_TIMEOUT_S,
     DEFAULT_FILE_TIMEOUT_S,
     Availability,
     ExecResult,
-    OutputChunk,
     SandboxSpec,
 )
 
@@ -313,7 +313,7 @@ class SpritesSandbox:
                         if stdin is not None:
                             await connection.send_stdin(stdin)
                             await connection.close_stdin()
-                    code = await connection.channel.wait()
+                    code = await connection.wait()
             except TimeoutError:
                 with anyio.CancelScope(shield=True), anyio.move_on_after(CLEANUP_TIMEOUT_S):
                     await connection.signal(_signal.SIGKILL)
@@ -321,7 +321,7 @@ class SpritesSandbox:
                     f"Sprites: the command in sprite {self.id} did not finish within {timeout:g}s (timed out); "
                     "it was killed"
                 ) from None
-        async for chunk in connection.channel.chunks():
+        async for chunk in connection:
             (stdout if chunk.stream == "stdout" else stderr).extend(chunk.data)
         return ExecResult(code, bytes(stdout), bytes(stderr))
 
@@ -335,18 +335,11 @@ class SpritesSandbox:
         user: str | None = None,
     ) -> AsyncIterator[SpritesConnection]:
         connection = await self.open(argv, env=env, cwd=cwd, user=user, stdin=True)
-        async with connection, anyio.create_task_group() as tg:
-            tg.start_soon(connection.read_all)
-            try:
-                yield connection
-            finally:
-                with anyio.CancelScope(shield=True), anyio.move_on_after(CLEANUP_TIMEOUT_S):
-                    if not connection.channel.finished.is_set():
-                        try:
-                            await connection.signal(_signal.SIGKILL)
-                        except ProviderError:
-                            pass
-                tg.cancel_scope.cancel()
+        async with (
+            connection,
+            followed(connection, connection.read_all, connection.kill, cleanup_timeout_s=CLEANUP_TIMEOUT_S) as started,
+        ):
+            yield started
 
     def fs_params(self, path: str) -> dict[str, str]:
         if not path.startswith("/"):
@@ -394,13 +387,13 @@ class SpritesSandbox:
                 raise
 
 
-class SpritesConnection:
+class SpritesConnection(QueuedStream):
     """One exec WebSocket: a running process with live stdin, streamed output and signals."""
 
     def __init__(self, sandbox: SpritesSandbox, ws: ClientConnection) -> None:
+        super().__init__(limit=math.inf)
         self._sandbox = sandbox
         self._ws = ws
-        self.channel = OutputChannel()
         self.session_id: str | None = None
         headers = ws.response.headers if ws.response is not None else {}
         self.capabilities = {c.strip() for c in str(headers.get("X-Sprite-Capabilities", "")).split(",") if c.strip()}
@@ -422,16 +415,16 @@ class SpritesConnection:
                 elif message:
                     stream, payload = message[0], message[1:]
                     if stream == STDOUT:
-                        self.channel.put("stdout", payload)
+                        self.output.put_nowait("stdout", payload)
                     elif stream == STDERR:
-                        self.channel.put("stderr", payload)
+                        self.output.put_nowait("stderr", payload)
                     elif stream == EXIT:
-                        self.channel.finish(payload[0] if payload else 0)
-                if self.channel.finished.is_set():
+                        self.output.finish(payload[0] if payload else 0)
+                if self.output.ended:
                     return
         except ConnectionClosed:
             pass
-        self.channel.finish(
+        self.output.finish(
             -1, ProviderError(f"Sprites: the exec connection to sprite {self._sandbox.id} closed before the exit code")
         )
 
@@ -445,11 +438,7 @@ class SpritesConnection:
         if data.get("type") == "session_info" and data.get("session_id") is not None:
             self.session_id = str(data["session_id"])
         elif data.get("type") == "exit":
-            self.channel.finish(int(data.get("exit_code") or 0))
-
-    async def __aiter__(self) -> AsyncIterator[OutputChunk]:
-        async for chunk in self.channel.chunks():
-            yield chunk
+            self.output.finish(int(data.get("exit_code") or 0))
 
     async def send_stdin(self, data: bytes) -> None:
         if self._stdin_closed:
@@ -469,7 +458,7 @@ class SpritesConnection:
             pass
 
     async def signal(self, signum: int = _signal.SIGTERM) -> None:
-        if self.channel.finished.is_set():
+        if self.output.ended:
             return
         if "signal" in self.capabilities:
             try:
@@ -481,5 +470,9 @@ class SpritesConnection:
             raise ProviderError(f"Sprites: no session id yet to signal the command in sprite {self._sandbox.id}")
         await self._sandbox.kill_session(self.session_id, signum)
 
-    async def wait(self) -> int:
-        return await self.channel.wait()
+    async def kill(self) -> None:
+        """SIGKILL the command unless it has ended; for cleanup, so a failure to reach it is dropped."""
+        try:
+            await self.signal(_signal.SIGKILL)
+        except ProviderError:
+            pass

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import secrets
 import signal as _signal
 import tarfile
@@ -60,13 +61,13 @@ from mcp_sandboxes.providers._remote_http import (
 )
 from mcp_sandboxes.providers._remote_shell import (
     SHELL,
-    OutputChannel,
     as_user,
     captured,
     inner_script,
     q,
     reject_unsupported,
 )
+from mcp_sandboxes.providers._remote_stream import OutputQueue, QueuedStream, followed
 from mcp_sandboxes.providers.base import (
     DEFAULT_CREATE_TIMEOUT_S,
     DEFAULT_EXEC_TIMEOUT_S,
@@ -75,7 +76,6 @@ from mcp_sandboxes.providers.base import (
     SANDBOX_NAME_LABEL,
     Availability,
     ExecResult,
-    OutputChunk,
     SandboxSpec,
 )
 
@@ -336,7 +336,7 @@ class VercelSandbox:
             raise
         return str(response.json()["command"]["id"])
 
-    async def read_logs(self, command_id: str, channel: OutputChannel) -> None:
+    async def read_logs(self, command_id: str, output: OutputQueue) -> None:
         async with self._owner.api.stream("GET", self.session_path(f"/cmd/{command_id}/logs")) as response:
             async for line in response.aiter_lines():
                 if not line.strip():
@@ -350,7 +350,7 @@ class VercelSandbox:
                         f"{data.get('code')}: {data.get('message')}"
                     )
                 if stream in ("stdout", "stderr"):
-                    channel.put(stream, str(entry.get("data") or "").encode("utf-8"))
+                    output.put_nowait(stream, str(entry.get("data") or "").encode("utf-8"))
 
     async def wait_command(self, command_id: str) -> int:
         response = await self._owner.api.request(
@@ -385,14 +385,14 @@ class VercelSandbox:
         """A helper script; its output comes from the logs (text)."""
         body = {"command": SHELL, "args": ["-c", script], "cwd": cwd or self.spec.workdir, "env": {}, "sudo": sudo}
         command_id = await self.start_command(body)
-        channel = OutputChannel()
+        output = OutputQueue(math.inf)
         with anyio.fail_after(DEFAULT_FILE_TIMEOUT_S):
-            await self.read_logs(command_id, channel)
-        channel.finish(await self._finish(command_id, DEFAULT_FILE_TIMEOUT_S))
+            await self.read_logs(command_id, output)
+        output.finish(await self._finish(command_id, DEFAULT_FILE_TIMEOUT_S))
         stdout, stderr = bytearray(), bytearray()
-        async for chunk in channel.chunks():
+        async for chunk in output.chunks():
             (stdout if chunk.stream == "stdout" else stderr).extend(chunk.data)
-        return ExecResult(await channel.wait(), bytes(stdout), bytes(stderr))
+        return ExecResult(await output.wait(), bytes(stdout), bytes(stderr))
 
     async def stage_stdin(self, data: bytes) -> str:
         path = f"/tmp/.mcp-sandboxes-{secrets.token_hex(8)}.stdin"
@@ -448,14 +448,8 @@ class VercelSandbox:
         process = VercelProcess(self)
         body = self._request(argv, env=env, cwd=cwd, user=user, stdin_file=None)
         await process.start(body)
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(process.follow)
-            try:
-                yield process
-            finally:
-                with anyio.CancelScope(shield=True), anyio.move_on_after(CLEANUP_TIMEOUT_S):
-                    await process.terminate()
-                tg.cancel_scope.cancel()
+        async with followed(process, process.follow, process.terminate, cleanup_timeout_s=CLEANUP_TIMEOUT_S) as started:
+            yield started
 
     async def _write(self, path: str, data: bytes, mode: int) -> None:
         if not path.startswith("/"):
@@ -497,7 +491,7 @@ class VercelSandbox:
         return response.content
 
 
-class VercelProcess:
+class VercelProcess(QueuedStream):
     """A Vercel command with streamed output (the logs endpoint) and stdin through a FIFO.
 
     Vercel commands have no stdin, so the command is started reading a FIFO in a private
@@ -507,12 +501,12 @@ class VercelProcess:
     """
 
     def __init__(self, sandbox: VercelSandbox) -> None:
+        super().__init__(limit=math.inf)
         self._sandbox = sandbox
         self.dir = f"/tmp/.mcp-sandboxes-{secrets.token_hex(8)}"
         self._command_id: str | None = None
         self._stdin_closed = False
         self._chunks_sent = 0
-        self._channel = OutputChannel()
 
     async def start(self, body: dict[str, Any]) -> None:
         d = q(self.dir)
@@ -528,16 +522,12 @@ class VercelProcess:
     async def follow(self) -> None:
         assert self._command_id is not None
         try:
-            await self._sandbox.read_logs(self._command_id, self._channel)
+            await self._sandbox.read_logs(self._command_id, self.output)
             code = await self._sandbox.wait_command(self._command_id)
         except Exception as exc:
-            self._channel.finish(-1, exc)
+            self.output.finish(-1, exc)
             return
-        self._channel.finish(code)
-
-    async def __aiter__(self) -> AsyncIterator[OutputChunk]:
-        async for chunk in self._channel.chunks():
-            yield chunk
+        self.output.finish(code)
 
     async def _helper(self, script: str) -> ExecResult:
         return await self._sandbox.run_script(script, sudo=True, cwd="/")
@@ -570,16 +560,13 @@ class VercelProcess:
         )
 
     async def signal(self, signum: int = _signal.SIGTERM) -> None:
-        if self._channel.finished.is_set() or self._command_id is None:
+        if self.output.ended or self._command_id is None:
             return
         await self._sandbox.kill_command(self._command_id, signum)
 
-    async def wait(self) -> int:
-        return await self._channel.wait()
-
     async def terminate(self) -> None:
         """Kill the command if it still runs, end the FIFO holder, remove the files."""
-        if not self._channel.finished.is_set():
+        if not self.output.ended:
             try:
                 await self.signal(_signal.SIGKILL)
             except ProviderError:
