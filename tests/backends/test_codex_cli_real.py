@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 
 import anyio
 import anyio.abc
+import httpx
 import pytest
 
 from mcp_sandboxes.backends.base import AgentSpec, Turn, TurnResult
@@ -468,3 +469,76 @@ def test_the_cli_is_the_pinned_version(codex_bin: Path) -> None:
     for binary in (codex_bin, CODEX_NATIVE):
         version = subprocess.run([str(binary), "--version"], capture_output=True, text=True, timeout=60).stdout
         assert version.strip() == "codex-cli 0.169.0"
+
+
+# -- the scripted Responses API server itself --------------------------------------------
+
+
+def _sse_events(body: str) -> list[tuple[str, dict[str, Any]]]:
+    events = []
+    for block in body.strip().split("\n\n"):
+        lines = dict(line.split(": ", 1) for line in block.splitlines())
+        events.append((lines["event"], json.loads(lines["data"])))
+    return events
+
+
+async def test_the_scripted_server_streams_the_published_event_sequence(server: ScriptedModelServer) -> None:
+    call = ToolCall("exec_command", {"cmd": "echo " + "y" * 40}, id="call_1")
+    server.script.on(user_contains="SEQ", reply=Reply(thinking="hmm", text="a" * 30, tool_calls=[call]))
+    request = {
+        "model": "m",
+        "stream": True,
+        "input": [
+            {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "<environment_context/>"}]},
+            {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "SEQ go"}]},
+        ],
+    }
+    async with httpx.AsyncClient(timeout=10) as client:
+        response = await client.post(f"{server.url}/v1/responses", json=request)
+    assert response.headers["content-type"].startswith("text/event-stream")
+    events = _sse_events(response.text)
+    names = [name for name, _ in events]
+    assert all(data["type"] == name for name, data in events)
+    assert [data["sequence_number"] for _, data in events] == list(range(len(events)))
+    assert names[:2] == ["response.created", "response.in_progress"] and names[-1] == "response.completed"
+    assert names.count("response.output_item.added") == names.count("response.output_item.done") == 3
+    assert names.count("response.output_text.delta") == 2  # 30 characters in 24-character pieces
+    done = [data["item"] for name, data in events if name == "response.output_item.done"]
+    assert [item["type"] for item in done] == ["reasoning", "message", "function_call"]
+    assert done[2]["call_id"] == "call_1" and json.loads(done[2]["arguments"]) == call.arguments
+    usage = events[-1][1]["response"]["usage"]
+    assert usage["input_tokens"] > 0 and usage["output_tokens_details"]["reasoning_tokens"] >= 0
+    assert usage["input_tokens_details"] == {"cached_tokens": 0}
+    assert server.model_requests[-1].reply is not None
+
+
+async def test_the_scripted_server_reads_tool_outputs_and_answers_errors_and_plain_json(
+    server: ScriptedModelServer,
+) -> None:
+    server.script.on(tool_result_contains="out-2", reply=Reply(text="saw the newest output"))
+    server.script.on(user_contains="BROKEN", reply=Reply(error=ApiError("rate_limit", "slow down")))
+
+    def item(kind: str, **fields: Any) -> dict[str, Any]:
+        return {"type": kind, **fields}
+
+    history = [
+        item("message", role="user", content=[{"type": "input_text", "text": "task"}]),
+        item("function_call", call_id="c1", name="exec_command", arguments="{}"),
+        item("function_call_output", call_id="c1", output="out-1"),
+        item("function_call", call_id="c2", name="exec_command", arguments="{}"),
+        item("function_call_output", call_id="c2", output="out-2"),
+    ]
+    parsed = openai_responses.parse_request({"model": "m", "input": history})
+    assert parsed.user_text == "task" and parsed.tool_results == ["out-2"]  # only the newest round trip
+    # A notice Codex adds after the outputs (an MCP server finished starting) does not hide them.
+    notice = item("message", role="developer", content=[{"type": "input_text", "text": "<tools>...</tools>"}])
+    assert openai_responses.parse_request({"model": "m", "input": [*history, notice]}).tool_results == ["out-2"]
+    async with httpx.AsyncClient(timeout=10) as client:
+        plain = await client.post(f"{server.url}/v1/responses", json={"model": "m", "input": history})
+        error = await client.post(f"{server.url}/v1/responses", json={"model": "m", "input": "BROKEN"})
+    assert plain.json()["status"] == "completed"
+    assert plain.json()["output"][0]["content"][0]["text"] == "saw the newest output"
+    assert error.status_code == 429
+    assert error.json() == {
+        "error": {"message": "slow down", "type": "requests", "param": None, "code": "rate_limit_exceeded"}
+    }

@@ -95,7 +95,8 @@ def parse_request(body: dict[str, Any]) -> ModelRequest:
 
     The history is flat: a model response's call items are followed by one output item per
     call, so a request after tools ends with that run of outputs (earlier round trips sit
-    before the calls that separate them)."""
+    before the calls that separate them), possibly followed by developer messages the client
+    adds in between."""
     raw_input = body.get("input")
     if isinstance(raw_input, str):
         return ModelRequest(model=str(body.get("model", "")), user_text=raw_input)
@@ -103,6 +104,8 @@ def parse_request(body: dict[str, Any]) -> ModelRequest:
     tool_results: list[str] = []
     for item in reversed(items):
         kind = item.get("type")
+        if kind == "message" and item.get("role") == "developer":
+            continue  # a client notice after the outputs (Codex: "Added deferred tool namespaces")
         if kind == "tool_search_output":
             tool_results.insert(0, json.dumps(item.get("tools")))
         elif kind in OUTPUT_ITEMS:
