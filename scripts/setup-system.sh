@@ -4,7 +4,7 @@
 # addresses an agent CLI connects to). Idempotent.
 set -euo pipefail
 need=()
-for bin in dockerd:docker.io debootstrap:debootstrap bwrap:bubblewrap podman:podman busybox:busybox-static ip:iproute2 strace:strace; do
+for bin in dockerd:docker.io debootstrap:debootstrap bwrap:bubblewrap podman:podman catatonit:catatonit busybox:busybox-static ip:iproute2 strace:strace; do
   command -v "${bin%%:*}" >/dev/null 2>&1 || need+=("${bin##*:}")
 done
 if ((${#need[@]})); then

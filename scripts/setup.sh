@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# Everything a fresh machine needs, idempotent: system packages, the Docker engine (started),
-# the Python environment, the pinned agent CLIs and the local images.
+# Everything a fresh machine needs, idempotent: system packages, the Docker engine and Podman's
+# API service (started), the Python environment, the pinned agent CLIs and the local images
+# (copied into Podman's and containerd's stores too).
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
 scripts/setup-system.sh
 scripts/start-dockerd.sh
+scripts/start-podman.sh
 if [[ ! -x .venv/bin/python ]]; then python3 -m venv .venv; fi
 stamp=".venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)"
 if [[ ! -f "$stamp" ]]; then
@@ -14,3 +16,4 @@ if [[ ! -f "$stamp" ]]; then
 fi
 scripts/install-agent-clis.sh
 scripts/build-images.sh
+scripts/import-images.sh

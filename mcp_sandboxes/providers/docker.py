@@ -117,6 +117,11 @@ class DockerProvider:
     """Creates and removes sandbox containers on one Docker engine."""
 
     name = PROVIDER_NAME
+    # What messages call the engine, and how to bring it back; an engine that speaks the
+    # same API (Podman's service) overrides these.
+    engine = "Docker engine"
+    start_fix = START_DOCKERD_FIX
+    stuck_fix = "check `docker info` and the dockerd log, or restart it (scripts/start-dockerd.sh)"
 
     def __init__(self, settings: DockerSettings | None = None) -> None:
         self.settings = settings or DockerSettings()
@@ -144,10 +149,10 @@ class DockerProvider:
         return self._client
 
     def unreachable(self, exc: BaseException) -> ProviderUnavailableError:
-        return ProviderUnavailableError(f"{self._unreachable_reason(exc)}: {START_DOCKERD_FIX}")
+        return ProviderUnavailableError(f"{self._unreachable_reason(exc)}: {self.start_fix}")
 
     def _unreachable_reason(self, exc: BaseException) -> str:
-        return f"Docker engine not reachable at {self.url} ({_reason(exc)})"
+        return f"{self.engine} not reachable at {self.url} ({_reason(exc)})"
 
     @asynccontextmanager
     async def call(self, action: str, limit_s: float) -> AsyncIterator[None]:
@@ -159,17 +164,16 @@ class DockerProvider:
             raise
         except TimeoutError as exc:
             raise ProviderError(
-                f"Docker engine at {self.url} did not finish {action} within {limit_s:g}s;"
-                " check `docker info` and the dockerd log, or restart it (scripts/start-dockerd.sh)"
+                f"{self.engine} at {self.url} did not finish {action} within {limit_s:g}s; {self.stuck_fix}"
             ) from exc
         except DockerError as exc:
             if exc.status == _CANNOT_CONNECT:
                 raise self.unreachable(exc) from exc
-            raise ProviderError(f"Docker engine failed {action}: {exc.message}") from exc
+            raise ProviderError(f"{self.engine} failed {action}: {exc.message}") from exc
         except (aiohttp.ClientConnectionError, ConnectionError, FileNotFoundError) as exc:
             raise self.unreachable(exc) from exc
         except aiohttp.ClientError as exc:
-            raise ProviderError(f"Docker engine at {self.url} failed {action}: {_reason(exc)}") from exc
+            raise ProviderError(f"{self.engine} at {self.url} failed {action}: {_reason(exc)}") from exc
 
     # -- Provider -------------------------------------------------------------------------
 
@@ -180,9 +184,9 @@ class DockerProvider:
         except ProviderUnavailableError as exc:
             cause = exc.__cause__ or exc
             reason = self._unreachable_reason(cause)
-            return Availability(provider=self.name, available=False, reason=reason, fix=START_DOCKERD_FIX)
+            return Availability(provider=self.name, available=False, reason=reason, fix=self.start_fix)
         except ProviderError as exc:
-            return Availability(provider=self.name, available=False, reason=str(exc), fix=START_DOCKERD_FIX)
+            return Availability(provider=self.name, available=False, reason=str(exc), fix=self.start_fix)
         return Availability(provider=self.name, available=True)
 
     async def validate_spec(self, spec: SandboxSpec) -> None:
@@ -329,6 +333,7 @@ class DockerSandbox:
 
     def __init__(self, owner: DockerProvider, container_id: str, *, default_user: str | None) -> None:
         self.id = container_id
+        self.provider = owner.name
         self._owner = owner
         self._default_user = default_user
         self._ids: dict[str, tuple[int, int]] = {}
@@ -457,7 +462,7 @@ class DockerSandbox:
             with archive:
                 member = archive.next()
                 if member is None:
-                    raise ProviderError(f"Docker engine returned an empty archive for {requested}")
+                    raise ProviderError(f"{self._owner.engine} returned an empty archive for {requested}")
                 if member.isfile():
                     content = archive.extractfile(member)
                     assert content is not None  # a regular file always has content
@@ -770,8 +775,8 @@ def _create_error(exc: DockerError, spec: SandboxSpec, name: str, owner: DockerP
         if match:
             index = next((i for i, m in enumerate(spec.mounts) if m.source.rstrip("/") == match.group(1)), 0)
             return InvalidInputError(f"mounts[{index}].source", f"{match.group(1)} does not exist on the Docker host")
-        return InvalidInputError("spec", f"the Docker engine rejected it: {message}")
-    return ProviderError(f"Docker engine failed creating a container from {spec.image}: {message}")
+        return InvalidInputError("spec", f"the {owner.engine} rejected it: {message}")
+    return ProviderError(f"{owner.engine} failed creating a container from {spec.image}: {message}")
 
 
 def _start_error(exc: DockerError, spec: SandboxSpec, owner: DockerProvider) -> McpSandboxesError:
@@ -784,7 +789,7 @@ def _start_error(exc: DockerError, spec: SandboxSpec, owner: DockerProvider) -> 
         return InvalidInputError(
             "image", f"{spec.image} cannot run {' '.join(KEEPALIVE_CMD)!r} (it needs sh and sleep): {message}"
         )
-    return ProviderError(f"Docker engine could not start a container from {spec.image}: {message}")
+    return ProviderError(f"{owner.engine} could not start a container from {spec.image}: {message}")
 
 
 def _exec_error(exc: DockerError, owner: DockerProvider, container_id: str) -> McpSandboxesError:
@@ -795,7 +800,7 @@ def _exec_error(exc: DockerError, owner: DockerProvider, container_id: str) -> M
         return SandboxGoneError(f"sandbox {container_id[:12]} no longer exists ({message}); create a new one")
     if exc.status == 409:
         return SandboxGoneError(f"sandbox {container_id[:12]} is not running ({message}); create a new one")
-    return ProviderError(f"Docker engine failed to run a command in {container_id[:12]}: {message}")
+    return ProviderError(f"{owner.engine} failed to run a command in {container_id[:12]}: {message}")
 
 
 def _file_error(exc: DockerError, path: str, owner: DockerProvider, container_id: str) -> McpSandboxesError:
@@ -814,4 +819,4 @@ def _file_error(exc: DockerError, path: str, owner: DockerProvider, container_id
         return InvalidInputError("path", f"{path}: {message}")
     if exc.status == 403:
         return InvalidInputError("path", f"{path} is on a read-only file system in the sandbox")
-    return ProviderError(f"Docker engine failed on {path} in {container_id[:12]}: {message}")
+    return ProviderError(f"{owner.engine} failed on {path} in {container_id[:12]}: {message}")

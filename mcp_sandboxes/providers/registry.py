@@ -13,6 +13,8 @@ from mcp_sandboxes.providers.base import Provider
 # name -> "module:factory". A factory takes the provider's settings dict and returns a Provider.
 _FACTORIES: dict[str, str] = {
     "docker": "mcp_sandboxes.providers.docker:DockerProvider.from_settings",
+    "podman": "mcp_sandboxes.providers.podman:PodmanProvider.from_settings",
+    "containerd": "mcp_sandboxes.providers.containerd:ContainerdProvider.from_settings",
     "bubblewrap": "mcp_sandboxes.providers.bubblewrap:BubblewrapProvider.from_settings",
     "process": "mcp_sandboxes.providers.process:ProcessProvider.from_settings",
     "fly": "mcp_sandboxes.providers.fly:FlyProvider.from_settings",
