@@ -20,6 +20,7 @@ _FACTORIES: dict[str, str] = {
     "codex": "mcp_sandboxes.backends.codex:CodexBackend.from_settings",
     "gemini": "mcp_sandboxes.backends.gemini:GeminiBackend.from_settings",
     "opencode": "mcp_sandboxes.backends.opencode:OpencodeBackend.from_settings",
+    "factory": "mcp_sandboxes.backends.factory:FactoryBackend.from_settings",
 }
 
 

@@ -1,0 +1,379 @@
+"""Factory Droid: `droid exec --output-format stream-json`, one process per turn.
+
+The prompt goes on stdin (droid exec reads it there when no prompt argument is given), so size
+and a leading '-' do not matter. Droid keeps its sessions under `$HOME/.factory/sessions`, so
+HOME is the session's fixed home.
+
+Resuming: `droid exec -s <id>` first fetches the session from Factory's API and fails when
+that host cannot be reached (a 404 is fine, a network error is not); `--fork <id>` copies the
+local transcript into a new session without asking anyone. `resume = "auto"` (the default)
+uses `-s` when the CLI gets a FACTORY_API_KEY and `--fork` otherwise, which is what lets a
+BYOK model (`droid_settings.customModels`) run with no Factory account. A forked turn reports
+a new session id; the next turn resumes from that one.
+
+The translator reads stream-json lines (format notes in AGENT-FORMATS.md, checked against
+recordings of 0.225.2 in tests/fixtures/factory/): `system/init` (session id, model),
+`message` (the user's prompt echoed, then assistant text), `reasoning`, `tool_call`,
+`tool_result` (`value`, or `error{type,message}` with isError; some builds omit the id),
+`error{source,message}`, and `completion` (final text and the turn's usage). A signal makes
+droid 0.225 stop at once and exit 0 without a completion line.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from mcp_sandboxes.backends.base import AgentSpec, Command, Turn, TurnResult
+from mcp_sandboxes.config import BackendSettings
+from mcp_sandboxes.errors import BackendError, InvalidInputError
+from mcp_sandboxes.events import (
+    AgentMcpToolResult,
+    AgentMcpToolUse,
+    AgentMessage,
+    AgentRaw,
+    AgentThinking,
+    AgentToolResult,
+    AgentToolUse,
+    ErrorInfo,
+    Event,
+    SessionError,
+    SpanModelRequestEnd,
+    TextBlock,
+    Usage,
+)
+from mcp_sandboxes.providers.base import Mount, Sandbox
+
+NAME = "factory"
+CLI_TARGET = "/usr/local/bin/droid"
+# Relative to the agent's HOME. Droid reads MCP servers only from its own directory; the runtime
+# settings go elsewhere and are named with --settings, so a settings.json of the image survives.
+MCP_CONFIG_PATH = ".factory/mcp.json"
+SETTINGS_PATH = ".mcp-sandboxes/factory-settings.json"
+PREPARE_TIMEOUT_S = 30.0
+API_KEY_VAR = "FACTORY_API_KEY"
+ResumeMode = Literal["auto", "session", "fork"]
+RESUME_MODES: tuple[ResumeMode, ...] = ("auto", "session", "fork")
+# Our permission modes (Claude's names, see server/schemas.py) -> droid exec flags. Droid's
+# default is read-only; `plan` maps to its spec mode, `dontAsk` to read-only (nothing unasked).
+PERMISSION_FLAGS: dict[str, list[str]] = {
+    "default": [],
+    "dontAsk": [],
+    "plan": ["--use-spec"],
+    "acceptEdits": ["--auto", "low"],
+    "auto": ["--auto", "medium"],
+    "bypassPermissions": ["--skip-permissions-unsafe"],
+}
+# A stopped droid exits 0 without a completion line; 130/143 are the shell conventions.
+INTERRUPT_EXIT_CODES = frozenset({0, 130, 143})
+# Droid names MCP tools `<server>___<tool>`; its own tools never contain three underscores.
+MCP_SEPARATOR = "___"
+MAX_ERROR_TAIL = 2000
+
+
+class FactoryBackend:
+    name = NAME
+
+    def __init__(
+        self,
+        *,
+        cli_path: str = "",
+        env: Mapping[str, str] | None = None,
+        resume: ResumeMode = "auto",
+        droid_settings: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.cli_path = cli_path
+        self._env = dict(env or {})
+        self.resume = resume
+        self.droid_settings = dict(droid_settings or {})
+
+    @classmethod
+    def from_settings(cls, settings: BackendSettings, environ: Mapping[str, str]) -> FactoryBackend:
+        """`pass_env` names host variables handed over when set; the fixed `env` wins.
+
+        Extra keys: `resume` ("auto" | "session" | "fork") and `droid_settings`, a table (or,
+        from an environment variable, a JSON object) given to droid with --settings, e.g.
+        `customModels` for a BYOK endpoint."""
+        env = {key: environ[key] for key in settings.pass_env if environ.get(key)}
+        env.update(settings.env)
+        extra = settings.model_extra or {}
+        resume = extra.get("resume", "auto")
+        if resume not in RESUME_MODES:
+            raise InvalidInputError("backends.factory.resume", f"is {resume!r}; use one of: {', '.join(RESUME_MODES)}")
+        return cls(
+            cli_path=settings.cli_path,
+            env=env,
+            resume=resume,
+            droid_settings=_table(extra.get("droid_settings"), "backends.factory.droid_settings"),
+        )
+
+    def __repr__(self) -> str:
+        # Never the values: they hold API keys.
+        return f"FactoryBackend(cli_path={self.cli_path!r}, resume={self.resume!r}, env_keys={sorted(self._env)})"
+
+    @property
+    def executable(self) -> str:
+        return CLI_TARGET if self.cli_path else "droid"
+
+    def resume_flag(self) -> str:
+        if self.resume == "session" or (self.resume == "auto" and self._env.get(API_KEY_VAR)):
+            return "--session-id"
+        return "--fork"
+
+    def command(self, turn: Turn) -> Command:
+        agent = turn.agent
+        argv = [self.executable, "exec", "--output-format", "stream-json"]
+        if agent.model:
+            argv += ["--model", agent.model]
+        if agent.system_prompt:
+            argv += ["--append-system-prompt", agent.system_prompt]
+        if agent.permission_mode:
+            if agent.permission_mode not in PERMISSION_FLAGS:
+                raise InvalidInputError(
+                    "permission_mode",
+                    f"{agent.permission_mode!r} has no droid equivalent; use one of: {', '.join(PERMISSION_FLAGS)}",
+                )
+            argv += PERMISSION_FLAGS[agent.permission_mode]
+        if self.droid_settings:
+            argv += ["--settings", settings_path(turn.home)]
+        if turn.resume_id:
+            argv += [self.resume_flag(), turn.resume_id]
+        argv += agent.extra_args
+        # max_turns and allowed_tools have no droid exec flag: droid runs until the model stops,
+        # and its tool set is chosen by --auto or by --only-tools/--add-tools in extra_args.
+        env = {**self._env, "HOME": turn.home}
+        return Command(argv=argv, env=env, stdin=turn.prompt.encode("utf-8"), cwd=turn.workdir)
+
+    def translator(self) -> FactoryTranslator:
+        return FactoryTranslator()
+
+    def mounts(self) -> list[Mount]:
+        if not self.cli_path:
+            return []
+        path = Path(self.cli_path).expanduser()
+        if not path.is_file():
+            raise InvalidInputError(
+                "backends.factory.cli_path",
+                f"{self.cli_path} does not exist or is not a file; point it at the native droid binary "
+                "(tools/agent-clis/node_modules/@factory/cli-linux-x64/bin/droid) or leave it empty to use "
+                "the image's own droid",
+            )
+        return [Mount(source=str(path.resolve()), target=CLI_TARGET, read_only=True)]
+
+    async def prepare(self, sandbox: Sandbox, agent: AgentSpec, *, home: str, user: str | None) -> None:
+        dirs = [str(Path(home) / Path(MCP_CONFIG_PATH).parent), str(Path(home) / Path(SETTINGS_PATH).parent)]
+        script = (
+            'home="$1"; user="$2"; shift 2; mkdir -p "$home" "$@"'
+            ' && if [ -n "$user" ]; then chown "$user" "$home" "$@"; fi'
+        )
+        # As root when a user is named: the home may not exist yet and root must create it.
+        result = await sandbox.exec(
+            ["sh", "-c", script, "sh", home, user or "", *dirs], user="0" if user else None, timeout=PREPARE_TIMEOUT_S
+        )
+        if not result.ok:
+            detail = result.stderr.decode("utf-8", "replace").strip()
+            raise BackendError(f"factory: could not create HOME {home} for user {user or '(default)'}: {detail}")
+        # 0600 for both: MCP entries may carry tokens in their env, settings may carry API keys.
+        if agent.mcp_servers:
+            data = json.dumps({"mcpServers": droid_mcp_servers(agent.mcp_servers)}, indent=2).encode()
+            await sandbox.put_file(mcp_config_path(home), data, mode=0o600, user=user)
+        if self.droid_settings:
+            data = json.dumps(self.droid_settings, indent=2).encode()
+            await sandbox.put_file(settings_path(home), data, mode=0o600, user=user)
+
+
+def mcp_config_path(home: str) -> str:
+    return str(Path(home) / MCP_CONFIG_PATH)
+
+
+def settings_path(home: str) -> str:
+    return str(Path(home) / SETTINGS_PATH)
+
+
+def droid_mcp_servers(servers: Mapping[str, Any]) -> dict[str, Any]:
+    """The `mcpServers` shape Claude uses -> droid's, which names the transport in every entry."""
+    converted: dict[str, Any] = {}
+    for name, entry in servers.items():
+        if not isinstance(entry, dict):
+            raise InvalidInputError(f"mcp_servers.{name}", "must be an object with `command` or `url`")
+        server = dict(entry)
+        server.setdefault("type", "http" if "url" in server else "stdio")
+        converted[name] = server
+    return converted
+
+
+def _table(value: Any, field: str) -> dict[str, Any]:
+    """A TOML table, or the JSON object an environment variable override carries."""
+    if value is None or value == "":
+        return {}
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError as exc:
+            raise InvalidInputError(field, f"is not a JSON object: {exc}") from exc
+    if not isinstance(value, dict):
+        raise InvalidInputError(field, f"must be a table (a JSON object), not {type(value).__name__}")
+    return value
+
+
+def _int(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def _usage(raw: Any) -> Usage:
+    data = raw if isinstance(raw, dict) else {}
+    return Usage(
+        input_tokens=_int(data.get("input_tokens")),
+        output_tokens=_int(data.get("output_tokens")),
+        cache_creation_input_tokens=_int(data.get("cache_creation_input_tokens")),
+        cache_read_input_tokens=_int(data.get("cache_read_input_tokens")),
+        reasoning_tokens=_int(data.get("thinking_tokens")),
+    )
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if value is None:
+        return ""
+    return json.dumps(value)
+
+
+def _tail(text: str) -> str:
+    text = text.strip()
+    return text[-MAX_ERROR_TAIL:] if len(text) > MAX_ERROR_TAIL else text
+
+
+_ERROR_TYPES = {"agent_loop": "agent_error", "cli": "cli_error"}
+
+
+class FactoryTranslator:
+    """stream-json lines -> events, one instance per turn; never raises on bad input."""
+
+    def __init__(self) -> None:
+        self._result = TurnResult()
+        self._completed = False
+        self._model: str | None = None
+        self._last_text: str | None = None
+        self._errors: list[str] = []
+        # tool_call ids without a result yet, oldest first; a result without an id closes the newest.
+        self._open_calls: list[str] = []
+        self._mcp_ids: set[str] = set()
+
+    @property
+    def result(self) -> TurnResult:
+        return self._result
+
+    def feed(self, line: str) -> list[Event]:
+        try:
+            data = json.loads(line)
+        except ValueError as exc:
+            snippet = line.strip()[:200]
+            return [SessionError(error=ErrorInfo(type="parse_error", message=f"{exc}: {snippet}"))]
+        if not isinstance(data, dict):
+            return [AgentRaw(source=NAME, data=data)]
+        session_id = data.get("session_id")
+        if isinstance(session_id, str) and session_id:
+            self._result.native_session_id = session_id
+        kind = data.get("type")
+        if kind == "system" and data.get("subtype") == "init":
+            if isinstance(data.get("model"), str):
+                self._model = data["model"]
+            return []
+        if kind == "message":
+            return self._message(data)
+        if kind == "reasoning":
+            text = _text(data.get("text"))
+            return [AgentThinking(thinking=text)] if text else []
+        if kind == "tool_call":
+            return self._tool_call(data)
+        if kind == "tool_result":
+            return self._tool_result(data)
+        if kind == "error":
+            return self._error(data)
+        if kind == "completion":
+            return self._completion(data)
+        return [AgentRaw(source=NAME, data=data)]
+
+    def _message(self, data: dict[str, Any]) -> list[Event]:
+        role = data.get("role")
+        if role == "user":
+            return []  # the prompt echoed back; the server already recorded it as user.message
+        if role != "assistant":
+            return [AgentRaw(source=NAME, data=data)]
+        text = _text(data.get("text"))
+        if not text:
+            return []
+        self._last_text = text
+        return [AgentMessage(content=[TextBlock(text=text)])]
+
+    def _tool_call(self, data: dict[str, Any]) -> list[Event]:
+        tool_use_id = _text(data.get("id"))
+        name = _text(data.get("toolName") or data.get("toolId"))
+        parameters = data.get("parameters")
+        arguments = parameters if isinstance(parameters, dict) else {"input": parameters}
+        self._open_calls.append(tool_use_id)
+        server, sep, tool = name.partition(MCP_SEPARATOR)
+        if sep and server and tool:
+            self._mcp_ids.add(tool_use_id)
+            return [AgentMcpToolUse(tool_use_id=tool_use_id, server_name=server, name=tool, input=arguments)]
+        return [AgentToolUse(tool_use_id=tool_use_id, name=name, input=arguments)]
+
+    def _tool_result(self, data: dict[str, Any]) -> list[Event]:
+        tool_use_id = _text(data.get("id"))
+        if tool_use_id in self._open_calls:
+            self._open_calls.remove(tool_use_id)
+        elif not tool_use_id and self._open_calls:
+            tool_use_id = self._open_calls.pop()
+        error = data.get("error")
+        is_error = bool(data.get("isError")) or error is not None
+        if isinstance(error, dict):
+            content = _text(error.get("message")) or _text(error)
+        elif error is not None:
+            content = _text(error)
+        else:
+            content = _text(data.get("value"))
+        if tool_use_id in self._mcp_ids:
+            return [AgentMcpToolResult(tool_use_id=tool_use_id, content=content, is_error=is_error)]
+        return [AgentToolResult(tool_use_id=tool_use_id, content=content, is_error=is_error)]
+
+    def _error(self, data: dict[str, Any]) -> list[Event]:
+        source = _text(data.get("source"))
+        message = _text(data.get("message")) or "droid reported an error"
+        if message not in self._errors:
+            self._errors.append(message)
+        return [SessionError(error=ErrorInfo(type=_ERROR_TYPES.get(source, "error"), message=message))]
+
+    def _completion(self, data: dict[str, Any]) -> list[Event]:
+        self._completed = True
+        result = self._result
+        result.usage = _usage(data.get("usage"))
+        final = data.get("finalText")
+        result.final_text = final if isinstance(final, str) and final else self._last_text
+        result.stop_reason = "end_turn"
+        return [SpanModelRequestEnd(model=self._model, model_usage=result.usage)]
+
+    def finish(self, exit_code: int, stderr_tail: str) -> list[Event]:
+        result = self._result
+        if self._completed:
+            if exit_code in INTERRUPT_EXIT_CODES and exit_code != 0:
+                result.stop_reason = "interrupted"
+            return []
+        result.final_text = self._last_text
+        if self._errors:
+            # droid printed why (an API error, missing permission) and exited 1: already reported.
+            result.stop_reason = "error"
+            result.error = "; ".join(self._errors)
+            return []
+        if exit_code in INTERRUPT_EXIT_CODES:
+            result.stop_reason = "interrupted"
+            return []
+        result.stop_reason = "error"
+        message = f"droid exited with code {exit_code} before reporting a result"
+        tail = _tail(stderr_tail)
+        if tail:
+            message += f"; stderr: {tail}"
+        result.error = message
+        return [SessionError(error=ErrorInfo(type="cli_crashed", message=message))]
