@@ -128,7 +128,7 @@ def test_errors_are_the_api_error_json(server: ScriptedModelServer, kind: Any, s
     assert set(error) == {"message", "type", "param", "code"}
 
 
-def test_the_title_request_is_a_side_request(server: ScriptedModelServer) -> None:
+def test_title_and_summary_requests_are_side_requests(server: ScriptedModelServer) -> None:
     server.script.on(user_contains="FIRST", reply=Reply(text="the real answer"))
     title = {
         "model": "scripted-model",
@@ -142,7 +142,11 @@ def test_the_title_request_is_a_side_request(server: ScriptedModelServer) -> Non
     response = httpx.post(f"{server.url}/v1/chat/completions", json=title, timeout=TIMEOUT)
     assert assemble(chunks(response))["content"] == "Scripted session"
     assert server.script.pending == 1 and [r.kind for r in server.requests] == ["side"]
-    # A tool-less request that is not a title is still a model turn.
+    summary = {**title, "messages": [{"role": "system", "content": "You are a context summarization agent. ..."}]}
+    response = httpx.post(f"{server.url}/v1/chat/completions", json=summary, timeout=TIMEOUT)
+    assert assemble(chunks(response))["content"] == "Scripted summary of the context."
+    assert server.script.pending == 1
+    # A tool-less request that is not a hidden agent's is still a model turn.
     plain = {**title, "messages": [{"role": "user", "content": "FIRST: do it"}]}
     response = httpx.post(f"{server.url}/v1/chat/completions", json=plain, timeout=TIMEOUT)
     assert assemble(chunks(response))["content"] == "the real answer"

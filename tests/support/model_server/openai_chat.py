@@ -10,9 +10,9 @@ chunk with `choices: []` and `usage`; then `data: [DONE]`. Errors are the API's
 `{"error": {"message", "type", "param", "code"}}` JSON with its status codes.
 `GET /v1/models` lists the model names a script can be asked with.
 
-OpenCode also sends a request that is not the agent's turn: the session title (a tool-less
-request whose system prompt makes the model a title generator, see `side_query_reply`). It
-is answered here without consuming a script reply.
+OpenCode also sends requests that are not the agent's turn, from its hidden tool-less agents:
+the session title, and summaries (of the session, and of the context when it compacts it).
+They are answered here without consuming a script reply (see `side_query_reply`).
 """
 
 from __future__ import annotations
@@ -90,11 +90,20 @@ def parse_request(body: dict[str, Any]) -> ModelRequest:
     return ModelRequest(model=str(body.get("model", "")), user_text=prompt, tool_results=tool_results)
 
 
+# The system prompts of OpenCode 1.18.33's hidden agents (title, summary, compaction), which
+# run without tools; the canned reply for each.
+SIDE_AGENTS: tuple[tuple[str, str], ...] = (
+    ("you are a title generator", "Scripted session"),
+    ("summarize what was done in this conversation", "Scripted summary of the session."),
+    ("you are a context summarization agent", "Scripted summary of the context."),
+)
+
+
 def side_query_reply(body: dict[str, Any]) -> Reply | None:
     """A canned reply for a client's own helper queries, or None for an agent turn.
 
-    Agent turns carry the tool list. OpenCode 1.18.33 also asks for a session title in a
-    tool-less request whose system message begins "You are a title generator"."""
+    Agent turns carry the tool list; a tool-less request is a side query when its system
+    message is one of OpenCode's hidden agents (`SIDE_AGENTS`)."""
     if body.get("tools"):
         return None
     system = " ".join(
@@ -102,8 +111,9 @@ def side_query_reply(body: dict[str, Any]) -> Reply | None:
         for m in body.get("messages", [])
         if isinstance(m, dict) and m.get("role") in ("system", "developer")
     ).lower()
-    if "title" in system:
-        return Reply(text="Scripted session")
+    for marker, text in SIDE_AGENTS:
+        if marker in system:
+            return Reply(text=text)
     return None
 
 
