@@ -183,7 +183,9 @@ def test_text_still_streaming_when_stopped_is_kept() -> None:
     lines = lines_of("plain-text")[:-1]  # no result line
     events, result = translate("plain-text", exit_code=130, stderr="", lines=lines)
     assert kinds(events) == ["agent.message"]
-    assert result.stop_reason == "interrupted" and result.final_text == "Hello from the scripted Gemini model, in pieces."
+    assert (
+        result.stop_reason == "interrupted" and result.final_text == "Hello from the scripted Gemini model, in pieces."
+    )
 
 
 def test_mcp_tools_become_mcp_events_with_the_server_name() -> None:
