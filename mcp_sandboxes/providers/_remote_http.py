@@ -1,4 +1,5 @@
-"""HTTP plumbing shared by the remote providers (Fly Machines, Vercel Sandbox, Sprites).
+"""HTTP plumbing shared by the remote providers (Fly Machines, Vercel Sandbox, Sprites;
+E2B and Daytona read their settings with `setting_or_env` too).
 
 One job: send a request to a vendor API with a finite timeout, retry what the vendor
 says to retry (HTTP 429), and turn every failure into this package's errors with the

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import shlex
 import signal as _signal
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 from mcp_sandboxes.errors import InvalidInputError
 from mcp_sandboxes.providers.base import SandboxSpec
@@ -22,6 +22,11 @@ SHELL = "/bin/sh"
 
 def q(value: str) -> str:
     return shlex.quote(value)
+
+
+def quote(argv: Iterable[str]) -> str:
+    """argv as words of a shell command line."""
+    return " ".join(q(part) for part in argv)
 
 
 def inner_script(

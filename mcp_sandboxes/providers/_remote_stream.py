@@ -10,13 +10,14 @@ command nor hangs on a sandbox that no longer answers).
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, TypeVar
 
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from mcp_sandboxes.providers.base import OutputChunk
+from mcp_sandboxes.errors import ProviderError
+from mcp_sandboxes.providers.base import ExecResult, ExecStream, OutputChunk
 
 # Output chunks buffered between a reader task that can hold its process back and the consumer.
 STREAM_BUFFER_CHUNKS = 64
@@ -116,6 +117,33 @@ async def followed(
             with anyio.CancelScope(shield=True), anyio.move_on_after(cleanup_timeout_s):
                 await stop()
             tg.cancel_scope.cancel()
+
+
+async def run_collected(
+    stream: AbstractAsyncContextManager[ExecStream],
+    *,
+    provider: str,
+    argv: list[str],
+    stdin: bytes | None,
+    timeout: float | None,  # noqa: ASYNC109 - the limit of the whole command, as Sandbox.exec takes it
+) -> ExecResult:
+    """`exec` through a provider's own stream of `argv`: stdin first (then closed), all the
+    output, the exit code. Past `timeout` the stream's context kills the command."""
+    stdout = bytearray()
+    stderr = bytearray()
+    try:
+        with anyio.fail_after(timeout):
+            async with stream as process:
+                if stdin:
+                    await process.send_stdin(stdin)
+                await process.close_stdin()
+                async for chunk in process:
+                    (stdout if chunk.stream == "stdout" else stderr).extend(chunk.data)
+                code = await process.wait()
+    except TimeoutError:
+        name = argv[0] if argv else "command"
+        raise ProviderError(f"{provider}: {name} did not finish within {timeout} s (timed out; killed)") from None
+    return ExecResult(exit_code=code, stdout=bytes(stdout), stderr=bytes(stderr))
 
 
 def sole_exception(group: BaseExceptionGroup[BaseException]) -> BaseException:

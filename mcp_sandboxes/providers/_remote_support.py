@@ -1,22 +1,20 @@
 """Pieces shared by the providers that drive a sandbox service we do not run ourselves
-(E2B, Daytona, Modal, Apple `container`): secrets handling, error translation, shell
-quoting for wrapper scripts.
+(E2B, Daytona, Modal, Apple `container`): error translation, `check()` of a keyed API,
+environment prefixes for wrapped commands.
 
-Secrets (API keys, tokens) come from the provider settings or an environment variable,
-never from tool arguments, and every message built here is scrubbed of them.
+Secrets (API keys, tokens) come from the provider settings or an environment variable
+(`_remote_http.setting_or_env`), never from tool arguments, and every message built here
+is scrubbed of them.
 """
 
 from __future__ import annotations
 
-import os
-import shlex
-import signal as _signal
-from collections.abc import Iterable, Mapping
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 
 import httpx
 
 from mcp_sandboxes.errors import ProviderError, ProviderUnavailableError
+from mcp_sandboxes.providers.base import Availability
 
 # Control-plane calls (create, list, delete) and data-plane calls (files, signals).
 CONTROL_TIMEOUT_S = 60.0
@@ -27,15 +25,6 @@ CLEANUP_TIMEOUT_S = 15.0
 STATE_DIR = "/tmp/.mcp-sandboxes"
 
 ROOT_USERS = frozenset({"0", "root"})
-
-
-def setting_or_env(settings: Mapping[str, Any], key: str, env_var: str) -> str | None:
-    """A secret or option from the provider settings first, then the environment."""
-    value = settings.get(key)
-    if isinstance(value, str) and value:
-        return value
-    env_value = os.environ.get(env_var, "")
-    return env_value or None
 
 
 def redact(text: str, secrets: Iterable[str | None]) -> str:
@@ -81,10 +70,6 @@ def transport_error(provider: str, action: str, exc: Exception, secrets: Iterabl
     return ProviderUnavailableError(f"{provider}: {action} could not reach the service ({detail})")
 
 
-def quote(argv: Iterable[str]) -> str:
-    return " ".join(shlex.quote(part) for part in argv)
-
-
 def env_prefix(env: Mapping[str, str] | None) -> list[str]:
     """`env -- K=V ...` so a command gets exactly these variables added, whatever shell runs it."""
     if not env:
@@ -99,8 +84,38 @@ def signal_exit_code(signum: int) -> int:
     return 128 + int(signum)
 
 
-def signal_name(signum: int) -> str:
+async def api_key_availability(
+    provider: str,
+    vendor: str,
+    *,
+    api_key: str | None,
+    env_var: str,
+    api_url: str,
+    probe: Callable[[], Awaitable[httpx.Response]],
+) -> Availability:
+    """`check()` of a provider whose API takes one key: is the key set, does `probe` (a
+    cheap authenticated call) reach the API, and does the API accept the key."""
+    setting = f"providers.{provider}.api_key"
+    if not api_key:
+        return Availability(
+            provider=provider,
+            available=False,
+            reason=f"{env_var} is not set",
+            fix=f"export {env_var}=<your key> or set {setting} in the config file",
+        )
     try:
-        return _signal.Signals(signum).name
-    except ValueError:
-        return str(signum)
+        response = await probe()
+    except ProviderError as exc:
+        return Availability(provider=provider, available=False, reason=str(exc), fix=f"check {api_url}")
+    if response.status_code in (401, 403):
+        return Availability(
+            provider=provider,
+            available=False,
+            reason=f"the {vendor} API rejected the API key ({response.status_code})",
+            fix=f"set a valid key in {env_var} or {setting}",
+        )
+    if response.status_code >= 400:
+        return Availability(
+            provider=provider, available=False, reason=f"the {vendor} API answered {response.status_code}"
+        )
+    return Availability(provider=provider, available=True)

@@ -39,11 +39,11 @@ from mcp_sandboxes.errors import (
     SandboxGoneError,
 )
 from mcp_sandboxes.providers._cleanup import removed_on_failure
-from mcp_sandboxes.providers._remote_stream import QueuedStream, followed, sole_exception
+from mcp_sandboxes.providers._remote_shell import quote
+from mcp_sandboxes.providers._remote_stream import QueuedStream, followed, run_collected, sole_exception
 from mcp_sandboxes.providers._remote_support import (
     CLEANUP_TIMEOUT_S,
     STATE_DIR,
-    quote,
 )
 from mcp_sandboxes.providers.base import (
     DEFAULT_CREATE_TIMEOUT_S,
@@ -214,8 +214,8 @@ class AppleSandbox:
             args += ["--user", name]
         return [*args, self.id, *argv]
 
-    def _check_gone(self, result: subprocess.CompletedProcess[bytes]) -> None:
-        if result.returncode != 0 and _gone(result.stderr) and self.id in result.stderr.decode(errors="replace"):
+    def _check_gone(self, returncode: int, stderr: bytes) -> None:
+        if returncode != 0 and _gone(stderr) and self.id in stderr.decode(errors="replace"):
             raise SandboxGoneError(f"apple: container {self.id} is gone")
 
     async def exec(
@@ -228,22 +228,10 @@ class AppleSandbox:
         user: str | None = None,
         timeout: float | None = DEFAULT_EXEC_TIMEOUT_S,  # noqa: ASYNC109 - the Sandbox protocol's parameter
     ) -> ExecResult:
-        stdout = bytearray()
-        stderr = bytearray()
-        try:
-            with anyio.fail_after(timeout):
-                async with self.stream(argv, env=env, cwd=cwd, user=user) as process:
-                    if stdin:
-                        await process.send_stdin(stdin)
-                    await process.close_stdin()
-                    async for chunk in process:
-                        (stdout if chunk.stream == "stdout" else stderr).extend(chunk.data)
-                    code = await process.wait()
-        except TimeoutError:
-            raise ProviderError(f"apple: {argv[0]} did not finish within {timeout} s (timed out; killed)") from None
-        result = subprocess.CompletedProcess(argv, code, bytes(stdout), bytes(stderr))
-        self._check_gone(result)
-        return ExecResult(exit_code=code, stdout=bytes(stdout), stderr=bytes(stderr))
+        process = self.stream(argv, env=env, cwd=cwd, user=user)
+        result = await run_collected(process, provider="apple", argv=argv, stdin=stdin, timeout=timeout)
+        self._check_gone(result.exit_code, result.stderr)
+        return result
 
     @asynccontextmanager
     async def stream(
@@ -276,14 +264,14 @@ class AppleSandbox:
         script = 'mkdir -p "$(dirname "$1")" && cat >"$1" && chmod "$0" "$1"'
         args = self.exec_args(["sh", "-c", script, format(mode, "o"), path], env=None, cwd="/", user=user, stdin=True)
         result = await self._owner.cli(args, stdin=data, limit_s=DEFAULT_FILE_TIMEOUT_S)
-        self._check_gone(result)
+        self._check_gone(result.returncode, result.stderr)
         if result.returncode != 0:
             raise ProviderError(f"apple: writing {path} failed: {result.stderr.decode(errors='replace').strip()}")
 
     async def get_file(self, path: str) -> bytes:
         args = self.exec_args(["cat", "--", path], env=None, cwd="/", user="0", stdin=False)
         result = await self._owner.cli(args, limit_s=DEFAULT_FILE_TIMEOUT_S)
-        self._check_gone(result)
+        self._check_gone(result.returncode, result.stderr)
         if result.returncode != 0:
             raise NotFoundError(f"apple: {path} cannot be read: {result.stderr.decode(errors='replace').strip()}")
         return result.stdout

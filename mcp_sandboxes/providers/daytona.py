@@ -54,17 +54,18 @@ from mcp_sandboxes.errors import (
     SandboxGoneError,
 )
 from mcp_sandboxes.providers._cleanup import removed_on_failure
+from mcp_sandboxes.providers._remote_http import setting_or_env
+from mcp_sandboxes.providers._remote_shell import quote
 from mcp_sandboxes.providers._remote_stream import QueuedStream, followed, sole_exception
 from mcp_sandboxes.providers._remote_support import (
     CLEANUP_TIMEOUT_S,
     CONNECT_TIMEOUT_S,
     ROOT_USERS,
     STATE_DIR,
+    api_key_availability,
     env_prefix,
     http_timeout,
-    quote,
     redact,
-    setting_or_env,
     status_error,
     transport_error,
 )
@@ -103,10 +104,10 @@ class DaytonaProvider:
     name = "daytona"
 
     def __init__(self, settings: Mapping[str, Any]) -> None:
-        self._api_key = setting_or_env(settings, "api_key", "DAYTONA_API_KEY")
-        self._api_url = str(settings.get("api_url") or setting_or_env({}, "", "DAYTONA_API_URL") or DEFAULT_API_URL)
+        self._api_key = setting_or_env(settings, "api_key", ["DAYTONA_API_KEY"])
+        self._api_url = str(settings.get("api_url") or setting_or_env({}, "", ["DAYTONA_API_URL"]) or DEFAULT_API_URL)
         self._api_url = self._api_url.rstrip("/")
-        self._target = setting_or_env(settings, "target", "DAYTONA_TARGET")
+        self._target = setting_or_env(settings, "target", ["DAYTONA_TARGET"])
         self._http = httpx.AsyncClient(timeout=http_timeout())
 
     @classmethod
@@ -140,29 +141,14 @@ class DaytonaProvider:
     # -- Provider ---------------------------------------------------------------------
 
     async def check(self) -> Availability:
-        if not self._api_key:
-            return Availability(
-                provider=self.name,
-                available=False,
-                reason="DAYTONA_API_KEY is not set",
-                fix="export DAYTONA_API_KEY=<your key> or set providers.daytona.api_key in the config file",
-            )
-        try:
-            response = await self._api("GET", "/sandbox", "listing sandboxes", params={"limit": 1})
-        except ProviderError as exc:
-            return Availability(provider=self.name, available=False, reason=str(exc), fix=f"check {self._api_url}")
-        if response.status_code in (401, 403):
-            return Availability(
-                provider=self.name,
-                available=False,
-                reason=f"the Daytona API rejected the API key ({response.status_code})",
-                fix=f"set a valid key in {KEY_HINT}",
-            )
-        if response.status_code >= 400:
-            return Availability(
-                provider=self.name, available=False, reason=f"the Daytona API answered {response.status_code}"
-            )
-        return Availability(provider=self.name, available=True)
+        return await api_key_availability(
+            self.name,
+            "Daytona",
+            api_key=self._api_key,
+            env_var="DAYTONA_API_KEY",
+            api_url=self._api_url,
+            probe=partial(self._api, "GET", "/sandbox", "listing sandboxes", params={"limit": 1}),
+        )
 
     async def create(self, spec: SandboxSpec) -> Sandbox:
         if spec.mounts:

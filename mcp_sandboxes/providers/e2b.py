@@ -36,15 +36,15 @@ import httpx
 
 from mcp_sandboxes.errors import InvalidInputError, NotFoundError, ProviderError, SandboxGoneError
 from mcp_sandboxes.providers._cleanup import removed_on_failure
-from mcp_sandboxes.providers._remote_stream import QueuedStream, sole_exception
+from mcp_sandboxes.providers._remote_http import setting_or_env
+from mcp_sandboxes.providers._remote_shell import quote, signal_name
+from mcp_sandboxes.providers._remote_stream import QueuedStream, run_collected, sole_exception
 from mcp_sandboxes.providers._remote_support import (
     CLEANUP_TIMEOUT_S,
     ROOT_USERS,
+    api_key_availability,
     http_timeout,
-    quote,
-    setting_or_env,
     signal_exit_code,
-    signal_name,
     status_error,
     transport_error,
 )
@@ -113,10 +113,10 @@ class E2BProvider:
     name = "e2b"
 
     def __init__(self, settings: Mapping[str, Any]) -> None:
-        self._api_key = setting_or_env(settings, "api_key", "E2B_API_KEY")
+        self._api_key = setting_or_env(settings, "api_key", ["E2B_API_KEY"])
         self._api_url = str(settings.get("api_url") or DEFAULT_API_URL).rstrip("/")
         self._domain = str(settings.get("domain") or DEFAULT_DOMAIN)
-        self._sandbox_url = setting_or_env(settings, "sandbox_url", "E2B_SANDBOX_URL")
+        self._sandbox_url = setting_or_env(settings, "sandbox_url", ["E2B_SANDBOX_URL"])
         self._ttl_s = int(settings.get("timeout_s", DEFAULT_SANDBOX_TTL_S))
         self._http = httpx.AsyncClient(timeout=http_timeout())
 
@@ -150,29 +150,14 @@ class E2BProvider:
     # -- Provider ---------------------------------------------------------------------
 
     async def check(self) -> Availability:
-        if not self._api_key:
-            return Availability(
-                provider=self.name,
-                available=False,
-                reason="E2B_API_KEY is not set",
-                fix="export E2B_API_KEY=<your key> or set providers.e2b.api_key in the config file",
-            )
-        try:
-            response = await self._api("GET", "/v2/sandboxes", "listing sandboxes", params={"limit": 1})
-        except ProviderError as exc:
-            return Availability(provider=self.name, available=False, reason=str(exc), fix=f"check {self._api_url}")
-        if response.status_code in (401, 403):
-            return Availability(
-                provider=self.name,
-                available=False,
-                reason=f"the E2B API rejected the API key ({response.status_code})",
-                fix=f"set a valid key in {KEY_HINT}",
-            )
-        if response.status_code >= 400:
-            return Availability(
-                provider=self.name, available=False, reason=f"the E2B API answered {response.status_code}"
-            )
-        return Availability(provider=self.name, available=True)
+        return await api_key_availability(
+            self.name,
+            "E2B",
+            api_key=self._api_key,
+            env_var="E2B_API_KEY",
+            api_url=self._api_url,
+            probe=partial(self._api, "GET", "/v2/sandboxes", "listing sandboxes", params={"limit": 1}),
+        )
 
     async def create(self, spec: SandboxSpec) -> Sandbox:
         if spec.mounts:
@@ -314,21 +299,8 @@ class E2BSandbox:
         user: str | None = None,
         timeout: float | None = DEFAULT_EXEC_TIMEOUT_S,  # noqa: ASYNC109 - the Sandbox protocol's parameter
     ) -> ExecResult:
-        stdout = bytearray()
-        stderr = bytearray()
-        try:
-            with anyio.fail_after(timeout):
-                async with self.stream(argv, env=env, cwd=cwd, user=user) as process:
-                    if stdin:
-                        await process.send_stdin(stdin)
-                    await process.close_stdin()
-                    async for chunk in process:
-                        (stdout if chunk.stream == "stdout" else stderr).extend(chunk.data)
-                    code = await process.wait()
-        except TimeoutError:
-            name = argv[0] if argv else "command"
-            raise ProviderError(f"e2b: {name} did not finish within {timeout} s (timed out; killed)") from None
-        return ExecResult(exit_code=code, stdout=bytes(stdout), stderr=bytes(stderr))
+        process = self.stream(argv, env=env, cwd=cwd, user=user)
+        return await run_collected(process, provider="e2b", argv=argv, stdin=stdin, timeout=timeout)
 
     @asynccontextmanager
     async def stream(
@@ -497,7 +469,7 @@ class E2BProcess(QueuedStream):
             await self._sandbox.rpc("SendSignal", {"process": self._selector(), "signal": envd_signal}, self._user)
             return
         # envd's SendSignal knows only SIGTERM/SIGKILL; deliver the rest with kill(1) as the same user.
-        name = signal_name(signum).removeprefix("SIG")
+        name = signal_name(signum)
         result = await self._sandbox.exec(["kill", "-s", name, str(self.pid)], user=self._user, cwd="/", timeout=30)
         if not result.ok and not self.output.ended:
             raise ProviderError(f"e2b: kill -s {name} {self.pid} failed: {result.stderr.decode(errors='replace')}")

@@ -60,6 +60,7 @@ from mcp_sandboxes.providers._remote_shell import (
     SHELL,
     captured,
     q,
+    quote,
     reject_unsupported,
     signal_name,
     wrap,
@@ -368,7 +369,7 @@ class FlySandbox:
         stdin_text: str | None = None
         if stdin is not None:
             # The API's stdin is a JSON string: it travels as base64 and is decoded in the machine.
-            argv = [SHELL, "-c", "base64 -d | " + " ".join(q(a) for a in argv)]
+            argv = [SHELL, "-c", "base64 -d | " + quote(argv)]
             stdin_text = base64.b64encode(stdin).decode("ascii")
         # Output goes to files that a second exec returns as base64: the API's JSON strings
         # cannot carry bytes that are not UTF-8.

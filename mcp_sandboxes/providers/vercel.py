@@ -65,6 +65,7 @@ from mcp_sandboxes.providers._remote_shell import (
     captured,
     inner_script,
     q,
+    quote,
     reject_unsupported,
 )
 from mcp_sandboxes.providers._remote_stream import OutputQueue, QueuedStream, followed
@@ -432,7 +433,7 @@ class VercelSandbox:
 
     async def _cleanup(self, paths: str) -> None:
         try:
-            await self.run_script(f"rm -rf {' '.join(q(p) for p in paths.split())}", sudo=True, cwd="/")
+            await self.run_script(f"rm -rf {quote(paths.split())}", sudo=True, cwd="/")
         except (ProviderError, TimeoutError):
             pass
 
