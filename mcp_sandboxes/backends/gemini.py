@@ -26,7 +26,9 @@ The translator reads stream-json lines (AGENT-FORMATS.md, checked against record
 0.61.0 in tests/fixtures/gemini/): `init` (session id, model), `message` (the user's prompt
 echoed; assistant text in `delta: true` pieces, joined into one agent.message), `tool_use`,
 `tool_result` (`status: "error"` with `error{type, message}`), `error` (a non-fatal warning;
-the turn goes on), `result` (status, error, token stats for the whole turn).
+the turn goes on), `result` (status, error, token stats for the whole turn). Thoughts have
+no line of their own (no agent.thinking from Gemini) and usage comes only with `result`, so a
+stopped turn reports none. After an API error the CLI exits with the HTTP status modulo 256.
 """
 
 from __future__ import annotations
