@@ -84,6 +84,9 @@ class Ctr:
 
     async def run(self, args: list[str], *, action: str, limit_s: float, stdin: bytes | None = None) -> CtrResult:
         """Run ctr to its end under a deadline (the process is killed when it passes)."""
+        if not await anyio.Path(self.address).exists():
+            # ctr would spend its whole connect timeout dialling a socket that is not there.
+            raise self.unreachable(f"no socket at {self.address}")
         try:
             with anyio.fail_after(limit_s):
                 done = await anyio.run_process(

@@ -120,17 +120,20 @@ _IS_DIRECTORY = 21
 _NOT_FOUND = 20
 _NOT_REGULAR = 22
 _NO_PARENT = 23
+_NOT_WRITABLE = 24
 _GET_SCRIPT = (
     f'[ -d "$1" ] && exit {_IS_DIRECTORY}; [ -e "$1" ] || exit {_NOT_FOUND}; '
     f'[ -f "$1" ] || exit {_NOT_REGULAR}; exec cat -- "$1"'
 )
+# $1 path, $2 octal mode, $3 uid:gid to chown to (or ""), $4 "1" to create missing parents.
 # Written to a temporary file beside the target and renamed over it, so a reader never sees
 # half a file; an existing directory is never replaced.
 _PUT_SCRIPT = (
     f'p=$1; d=${{p%/*}}; d=${{d:-/}}; [ -d "$p" ] && exit {_IS_DIRECTORY}; '
-    f'mkdir -p -- "$d" 2>/dev/null || exit {_NO_PARENT}; [ -d "$d" ] || exit {_NO_PARENT}; '
-    't="$d/.mcp-sandboxes-put.$$"; '
-    'if cat > "$t" && chmod "$2" "$t" && mv -f -- "$t" "$p"; then exit 0; fi; rm -f -- "$t"; exit 1'
+    f'if [ "$4" = 1 ]; then mkdir -p -- "$d" 2>/dev/null || exit {_NO_PARENT}; fi; [ -d "$d" ] || exit {_NO_PARENT}; '
+    f't="$d/.mcp-sandboxes-put.$$"; touch -- "$t" 2>/dev/null || exit {_NOT_WRITABLE}; '
+    'if cat > "$t" && chmod "$2" "$t" && { [ -z "$3" ] || chown "$3" "$t"; } && mv -f -- "$t" "$p"; then exit 0; fi; '
+    'rm -f -- "$t"; exit 1'
 )
 
 
@@ -230,21 +233,27 @@ class ContainerdProvider:
             return unavailable(str(exc), START_FIX)
         return Availability(provider=self.name, available=True)
 
+    async def validate_spec(self, spec: SandboxSpec) -> None:
+        """Cheap checks before a create: the values are well formed and the image is there."""
+        self._run_args(spec, spec.name or "mcp-sandboxes-validate", "", posixpath.normpath(spec.workdir))
+        await self._require_image(spec.image)
+
     async def create(self, spec: SandboxSpec) -> ContainerdSandbox:
         name = spec.name or f"mcp-sandboxes-{uuid.uuid4().hex[:16]}"
-        container_config(spec, name=name)  # the same value checks as Docker's, naming the field
-        if len(name) > _MAX_ID_LENGTH or not _IDENTIFIER.fullmatch(name):
-            raise InvalidInputError(
-                "name", f"{name!r} is not a containerd id; use letters and digits separated by single '.', '_' or '-'"
-            )
         workdir = posixpath.normpath(spec.workdir)
         token = uuid.uuid4().hex
         args = self._run_args(spec, name, token, workdir)
         await self._require_image(spec.image)
         try:
-            await self.ctr.checked(
-                args, action=f"creating a container from {spec.image}", limit_s=DEFAULT_CREATE_TIMEOUT_S
-            )
+            try:
+                await self.ctr.checked(
+                    args, action=f"creating a container from {spec.image}", limit_s=DEFAULT_CREATE_TIMEOUT_S
+                )
+            except ProviderError as exc:
+                mapped = _mount_error(exc, spec)
+                if mapped is exc:
+                    raise
+                raise mapped from exc
             await self._apply_cgroup_limits(name, pids=spec.limits.pids, memory_mb=spec.limits.memory_mb)
         except BaseException as exc:
             # A ctr cut short may leave a container the engine still makes; a failed task
@@ -256,6 +265,12 @@ class ContainerdProvider:
         return ContainerdSandbox(self, name, workdir=workdir, default_user=spec.user)
 
     def _run_args(self, spec: SandboxSpec, name: str, token: str, workdir: str) -> list[str]:
+        """`ctr run` arguments for a spec; rejects values ctr or the engine would, naming the field."""
+        container_config(spec, name=name)  # the same value checks as Docker's
+        if len(name) > _MAX_ID_LENGTH or not _IDENTIFIER.fullmatch(name):
+            raise InvalidInputError(
+                "name", f"{name!r} is not a containerd id; use letters and digits separated by single '.', '_' or '-'"
+            )
         labels = {**spec.labels, OWNER_LABEL: "true", CREATE_TOKEN_LABEL: token}
         if spec.name:
             labels[SANDBOX_NAME_LABEL] = spec.name
@@ -582,20 +597,33 @@ class ContainerdSandbox:
         if not 0 <= mode <= 0o7777:
             raise InvalidInputError("mode", f"{mode:o} is not a file mode; use e.g. 0o644")
         path = posixpath.normpath(path)
-        result = await self.exec(
-            ["sh", "-c", _PUT_SCRIPT, "sh", path, f"{mode:o}"], stdin=data, user=user, timeout=DEFAULT_FILE_TIMEOUT_S
-        )
+        owner = user or self._default_user
+        # As the file's owner, so new parent directories are theirs too.
+        result = await self._put(path, data, mode, run_as=owner, chown="", make_parents=True)
+        ids = await self._resolve_user(owner)
+        if result.exit_code == _NOT_WRITABLE and ids is not None and ids != "0:0":
+            # The directory exists but only root may write in it: as an engine's archive API
+            # does, write as root and hand the file to its owner.
+            result = await self._put(path, data, mode, run_as="0:0", chown=ids, make_parents=False)
         if result.exit_code == _IS_DIRECTORY:
             raise InvalidInputError("path", f"{path} is a directory in the sandbox; give a file's path")
         if result.exit_code == _NO_PARENT:
             raise InvalidInputError(
                 "path", f"cannot create the directory of {path} (a parent is a file, or not writable)"
             )
+        if result.exit_code == _NOT_WRITABLE:
+            raise InvalidInputError("path", f"cannot write in the directory of {path} (read-only or not permitted)")
         if not result.ok:
             detail = result.stderr.decode("utf-8", "replace").strip()
             raise InvalidInputError(
                 "path", f"cannot write {path} in the sandbox: {detail or f'exit {result.exit_code}'}"
             )
+
+    async def _put(
+        self, path: str, data: bytes, mode: int, *, run_as: str | None, chown: str, make_parents: bool
+    ) -> ExecResult:
+        argv = ["sh", "-c", _PUT_SCRIPT, "sh", path, f"{mode:o}", chown, "1" if make_parents else "0"]
+        return await self.exec(argv, stdin=data, user=run_as, timeout=DEFAULT_FILE_TIMEOUT_S)
 
     async def get_file(self, path: str) -> bytes:
         if not path.startswith("/") or "\x00" in path:
@@ -613,6 +641,17 @@ class ContainerdSandbox:
             detail = result.stderr.decode("utf-8", "replace").strip()
             raise ProviderError(f"cannot read {path} in sandbox {self.id}: {detail or f'exit {result.exit_code}'}")
         return result.stdout
+
+
+def _mount_error(exc: ProviderError, spec: SandboxSpec) -> McpSandboxesError:
+    """runc's failure to mount one of the spec's mounts, named by the mount; else `exc`."""
+    match = re.search(r'error mounting "([^"]*)" to rootfs at "([^"]*)"', str(exc))
+    if match is None:
+        return exc
+    for index, mount in enumerate(spec.mounts):
+        if mount.source == match.group(1) or posixpath.normpath(mount.target) == match.group(2):
+            return InvalidInputError(f"mounts[{index}].target", f"cannot mount {mount.source} at {mount.target}: {exc}")
+    return exc
 
 
 def _is_ctr_failure(message: str) -> bool:
