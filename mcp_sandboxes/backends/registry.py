@@ -21,6 +21,7 @@ _FACTORIES: dict[str, str] = {
     "gemini": "mcp_sandboxes.backends.gemini:GeminiBackend.from_settings",
     "opencode": "mcp_sandboxes.backends.opencode:OpencodeBackend.from_settings",
     "factory": "mcp_sandboxes.backends.factory:FactoryBackend.from_settings",
+    "custom": "mcp_sandboxes.backends.custom:CustomBackend.from_settings",
 }
 
 
