@@ -39,6 +39,7 @@ from mcp_sandboxes.errors import (
     SandboxGoneError,
 )
 from mcp_sandboxes.providers._cleanup import removed_on_failure
+from mcp_sandboxes.providers._labels import owner_labels
 from mcp_sandboxes.providers._remote_shell import quote
 from mcp_sandboxes.providers._remote_stream import QueuedStream, followed, run_collected, sole_exception
 from mcp_sandboxes.providers._remote_support import (
@@ -50,7 +51,6 @@ from mcp_sandboxes.providers.base import (
     DEFAULT_EXEC_TIMEOUT_S,
     DEFAULT_FILE_TIMEOUT_S,
     OWNER_LABEL,
-    SANDBOX_NAME_LABEL,
     Availability,
     ExecResult,
     ExecStream,
@@ -121,9 +121,7 @@ class AppleContainerProvider:
 
     async def create(self, spec: SandboxSpec) -> Sandbox:
         container_id = "mcp-" + secrets.token_hex(8)
-        labels = {**spec.labels, OWNER_LABEL: "true"}
-        if spec.name:
-            labels[SANDBOX_NAME_LABEL] = spec.name
+        labels = owner_labels(spec)
         args = ["run", "-d", "--name", container_id]
         for key, value in labels.items():
             args += ["--label", f"{key}={value}"]

@@ -65,6 +65,7 @@ from mcp_sandboxes.providers import _bwrap_root as rootfs
 from mcp_sandboxes.providers._bwrap_holder import Holder, start_holder
 from mcp_sandboxes.providers._bwrap_limits import Limiter, LimitsMethod, probe_limiter, remove_cgroups
 from mcp_sandboxes.providers._cleanup import removed_on_failure
+from mcp_sandboxes.providers._labels import owner_labels
 from mcp_sandboxes.providers._local_process import (
     LocalExecStream,
     check_exec_args,
@@ -90,8 +91,6 @@ from mcp_sandboxes.providers.base import (
     DEFAULT_CREATE_TIMEOUT_S,
     DEFAULT_EXEC_TIMEOUT_S,
     DEFAULT_FILE_TIMEOUT_S,
-    OWNER_LABEL,
-    SANDBOX_NAME_LABEL,
     Availability,
     ExecResult,
     SandboxSpec,
@@ -292,7 +291,7 @@ class BubblewrapProvider:
             "provider": PROVIDER_NAME,
             "created_at": datetime.now(UTC).isoformat(),
             "spec": spec.model_dump(mode="json"),
-            "labels": {**spec.labels, OWNER_LABEL: "true", SANDBOX_NAME_LABEL: spec.name or sandbox_id},
+            "labels": owner_labels(spec, sandbox_id),
             "root": {"path": root.path, "entries": list(root.entries) if root.entries is not None else None},
             "user": {"uid": user.uid, "gid": user.gid, "home": _home_of(user)},
             "cgroups": [],

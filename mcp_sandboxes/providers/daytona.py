@@ -54,6 +54,7 @@ from mcp_sandboxes.errors import (
     SandboxGoneError,
 )
 from mcp_sandboxes.providers._cleanup import removed_on_failure
+from mcp_sandboxes.providers._labels import owner_labels
 from mcp_sandboxes.providers._remote_http import setting_or_env
 from mcp_sandboxes.providers._remote_shell import quote
 from mcp_sandboxes.providers._remote_stream import QueuedStream, followed, sole_exception
@@ -74,7 +75,6 @@ from mcp_sandboxes.providers.base import (
     DEFAULT_EXEC_TIMEOUT_S,
     DEFAULT_FILE_TIMEOUT_S,
     OWNER_LABEL,
-    SANDBOX_NAME_LABEL,
     Availability,
     ExecResult,
     ExecStream,
@@ -153,9 +153,7 @@ class DaytonaProvider:
     async def create(self, spec: SandboxSpec) -> Sandbox:
         if spec.mounts:
             raise InvalidInputError("mounts", "daytona sandboxes cannot mount host paths; copy files in with put_file")
-        labels = {**spec.labels, OWNER_LABEL: "true"}
-        if spec.name:
-            labels[SANDBOX_NAME_LABEL] = spec.name
+        labels = owner_labels(spec)
         body: dict[str, Any] = {
             "snapshot": spec.image,
             "env": spec.env,

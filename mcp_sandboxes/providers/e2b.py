@@ -36,6 +36,7 @@ import httpx
 
 from mcp_sandboxes.errors import InvalidInputError, NotFoundError, ProviderError, SandboxGoneError
 from mcp_sandboxes.providers._cleanup import removed_on_failure
+from mcp_sandboxes.providers._labels import owner_labels
 from mcp_sandboxes.providers._remote_http import setting_or_env
 from mcp_sandboxes.providers._remote_shell import quote, signal_name
 from mcp_sandboxes.providers._remote_stream import QueuedStream, run_collected, sole_exception
@@ -52,7 +53,6 @@ from mcp_sandboxes.providers.base import (
     DEFAULT_EXEC_TIMEOUT_S,
     DEFAULT_FILE_TIMEOUT_S,
     OWNER_LABEL,
-    SANDBOX_NAME_LABEL,
     Availability,
     ExecResult,
     ExecStream,
@@ -162,9 +162,7 @@ class E2BProvider:
     async def create(self, spec: SandboxSpec) -> Sandbox:
         if spec.mounts:
             raise InvalidInputError("mounts", "e2b sandboxes cannot mount host paths; copy files in with put_file")
-        metadata = {**spec.labels, OWNER_LABEL: "true"}
-        if spec.name:
-            metadata[SANDBOX_NAME_LABEL] = spec.name
+        metadata = owner_labels(spec)
         body = {
             "templateID": spec.image,
             "timeout": self._ttl_s,

@@ -50,6 +50,7 @@ import httpx
 
 from mcp_sandboxes.errors import NotFoundError, ProviderError, SandboxGoneError
 from mcp_sandboxes.providers._cleanup import removed_unless_ready
+from mcp_sandboxes.providers._labels import USER_LABEL, WORKDIR_LABEL, restorable_labels
 from mcp_sandboxes.providers._remote_http import (
     RemoteApiError,
     RemoteNotFoundError,
@@ -71,15 +72,11 @@ from mcp_sandboxes.providers.base import (
     DEFAULT_EXEC_TIMEOUT_S,
     DEFAULT_FILE_TIMEOUT_S,
     OWNER_LABEL,
-    SANDBOX_NAME_LABEL,
     Availability,
     ExecResult,
     SandboxSpec,
 )
 
-# Kept with the sandbox so attach() after a restart runs commands where and as create() did.
-WORKDIR_LABEL = "io.mcp-sandboxes.workdir"
-USER_LABEL = "io.mcp-sandboxes.user"
 NAME = "fly"
 DEFAULT_API_URL = "https://api.machines.dev"
 # A streamed command has no caller timeout; Fly's exec still needs one.
@@ -213,18 +210,10 @@ class FlyProvider:
         return Availability(provider=NAME, available=True)
 
     def _config(self, spec: SandboxSpec, name: str) -> dict[str, Any]:
-        metadata = {
-            **spec.labels,
-            OWNER_LABEL: "true",
-            SANDBOX_NAME_LABEL: spec.name or name,
-            WORKDIR_LABEL: spec.workdir,
-        }
-        if spec.user:
-            metadata[USER_LABEL] = spec.user
         config: dict[str, Any] = {
             "image": spec.image,
             "env": dict(spec.env),
-            "metadata": metadata,
+            "metadata": restorable_labels(spec, name),
             "init": {"exec": KEEPALIVE},
             "restart": {"policy": "no"},
             "auto_destroy": False,

@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from mcp_sandboxes.errors import InvalidInputError, NotFoundError, ProviderError, SandboxGoneError
 from mcp_sandboxes.providers._cleanup import removed_on_failure
+from mcp_sandboxes.providers._labels import owner_labels
 from mcp_sandboxes.providers._local_process import (
     LocalExecStream,
     check_exec_args,
@@ -53,8 +54,6 @@ from mcp_sandboxes.providers._local_state import (
 from mcp_sandboxes.providers.base import (
     DEFAULT_EXEC_TIMEOUT_S,
     DEFAULT_FILE_TIMEOUT_S,
-    OWNER_LABEL,
-    SANDBOX_NAME_LABEL,
     Availability,
     ExecResult,
     SandboxSpec,
@@ -130,7 +129,7 @@ class ProcessProvider:
             "provider": PROVIDER_NAME,
             "created_at": datetime.now(UTC).isoformat(),
             "spec": spec.model_dump(mode="json"),
-            "labels": {**spec.labels, OWNER_LABEL: "true", SANDBOX_NAME_LABEL: spec.name or sandbox_id},
+            "labels": owner_labels(spec, sandbox_id),
             "shared_workdir": os.path.isdir(spec.workdir),
         }
         write_metadata(dirs, metadata)

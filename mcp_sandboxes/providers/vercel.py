@@ -53,6 +53,7 @@ import httpx
 
 from mcp_sandboxes.errors import NotFoundError, ProviderError, SandboxGoneError
 from mcp_sandboxes.providers._cleanup import removed_unless_ready
+from mcp_sandboxes.providers._labels import USER_LABEL, WORKDIR_LABEL, restorable_labels
 from mcp_sandboxes.providers._remote_http import (
     RemoteApiError,
     RemoteNotFoundError,
@@ -74,15 +75,11 @@ from mcp_sandboxes.providers.base import (
     DEFAULT_EXEC_TIMEOUT_S,
     DEFAULT_FILE_TIMEOUT_S,
     OWNER_LABEL,
-    SANDBOX_NAME_LABEL,
     Availability,
     ExecResult,
     SandboxSpec,
 )
 
-# Kept with the sandbox so attach() after a restart runs commands where and as create() did.
-WORKDIR_LABEL = "io.mcp-sandboxes.workdir"
-USER_LABEL = "io.mcp-sandboxes.user"
 NAME = "vercel"
 DEFAULT_API_URL = "https://api.vercel.com"
 # The sandbox's own lifetime; Vercel's default is 5 minutes, too short for an agent session.
@@ -198,16 +195,13 @@ class VercelProvider:
         reject_unsupported(spec, "Vercel", network_none=True)
         project = self._project()
         name = f"mcp-{secrets.token_hex(6)}"
-        tags = {**spec.labels, OWNER_LABEL: "true", SANDBOX_NAME_LABEL: spec.name or name, WORKDIR_LABEL: spec.workdir}
-        if spec.user:
-            tags[USER_LABEL] = spec.user
         body: dict[str, Any] = {
             "projectId": project,
             "name": name,
             "runtime": spec.image,
             "timeout": self.sandbox_timeout_ms,
             "env": dict(spec.env),
-            "tags": tags,
+            "tags": restorable_labels(spec, name),
             "persistent": False,
         }
         if spec.limits.cpus is not None:
