@@ -21,7 +21,8 @@ system prompt. The same values are also in the environment (MCP_SANDBOXES_SESSIO
 wrapper scripts; `extra_args` go last.
 
 Named profiles, `[backends.custom.profiles.NAME]`, take the same keys and override the base table
-(their `env` is merged into it), except `output`, which all share. A caller picks one with model
+(their `env` is merged into it), except `output`, which all share. A profile with its own `argv` is
+another program and does not inherit the base's resume, model or system-prompt templates. A caller picks one with model
 "NAME" or "NAME:MODEL" (MODEL then fills {model}); any other model runs the base command.
 
 Output, `output = "jsonl"`: each stdout line is one of our normalized events (events.py), validated;
@@ -193,7 +194,12 @@ class CustomBackend:
                     f"is {data['output']!r} but backends.custom.output is {base.output!r}; every profile of"
                     " the custom backend prints the same kind of output (set it once, in [backends.custom])",
                 )
-            merged = {**base.model_dump(exclude_unset=False), **data, "env": {**base.env, **data.get("env", {})}}
+            inherited = base.model_dump()
+            if "argv" in data:
+                # Another program: the base's resume/model/system-prompt templates would call the wrong one.
+                for key in ("resume_argv", "model_argv", "system_prompt_argv"):
+                    inherited.pop(key)
+            merged = {**inherited, **data, "env": {**base.env, **data.get("env", {})}}
             profile = _profile(merged, f"backends.custom.profiles.{name}")
             profile.check(f"backends.custom.profiles.{name}")
             profiles[name] = profile

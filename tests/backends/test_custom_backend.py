@@ -204,20 +204,26 @@ def test_first_resumed_model_and_system_prompt_argv() -> None:
 def test_profiles_inherit_the_base_and_a_model_picks_them() -> None:
     backend = backend_of(
         argv=["base-agent", "{prompt}"],
+        resume_argv=["base-agent", "-r", "{resume_id}", "{prompt}"],
         model_argv=["-m", "{model}"],
         env={"SHARED": "base", "KEEP": "1"},
         profiles={
             "aider": {"argv": ["aider", "--message", "{prompt}"], "env": {"SHARED": "aider"}},
             "quiet": {"prompt_via": "stdin", "argv": ["quiet-agent"]},
+            "fast": {"env": {"FAST": "1"}},
         },
     )
     assert backend.command(turn_of("p", model="aider")).argv == ["aider", "--message", "p"]
-    with_model = backend.command(turn_of("p", model="aider:gpt-4o"))
-    assert with_model.argv == ["aider", "-m", "gpt-4o", "--message", "p"]
+    # Its own argv: the base's model_argv and resume_argv belong to another program.
+    with_model = backend.command(turn_of("p", model="aider:gpt-4o", resume_id="r1"))
+    assert with_model.argv == ["aider", "--message", "p"]
     assert with_model.env["SHARED"] == "aider" and with_model.env["KEEP"] == "1"
     assert with_model.env["MCP_SANDBOXES_MODEL"] == "gpt-4o"
     quiet = backend.command(turn_of("secret", model="quiet"))
     assert quiet.argv == ["quiet-agent"] and quiet.stdin == b"secret"
+    # A profile without argv is a variant of the base command and keeps all of its templates.
+    fast = backend.command(turn_of("p", model="fast:m2", resume_id="r1"))
+    assert fast.argv == ["base-agent", "-m", "m2", "-r", "r1", "p"] and fast.env["FAST"] == "1"
     # A model that names no profile goes to the base command whole, colon and all.
     assert backend.command(turn_of("p", model="llama3:8b")).argv == ["base-agent", "-m", "llama3:8b", "p"]
     assert "aider" in repr(backend) and "base" not in repr(backend).split("profiles")[1]
