@@ -97,7 +97,8 @@ async def run_turn(
 ) -> Outcome:
     command = backend.command(turn)
     argv = [str(DROID), *command.argv[1:]]
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **command.env}
+    # droid leaves a droid-terminal-* directory in TMPDIR per run: keep it in the turn's HOME.
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "TMPDIR": command.env["HOME"], **command.env}
     translator = backend.translator()
     events: list[Event] = []
     splitter = LineSplitter()
