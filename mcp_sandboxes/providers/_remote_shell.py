@@ -10,6 +10,7 @@ vendor has no signal API, records the process id so a later command can signal i
 
 from __future__ import annotations
 
+import secrets
 import shlex
 import signal as _signal
 from collections.abc import Iterable, Mapping
@@ -49,7 +50,7 @@ def inner_script(
     command = "exec "
     if env:
         command += "env " + " ".join(q(f"{key}={value}") for key, value in env.items()) + " "
-    command += " ".join(q(arg) for arg in argv)
+    command += quote(argv)
     if stdin_file:
         command += f" < {q(stdin_file)}"
     parts.append(command)
@@ -80,6 +81,35 @@ def wrap(
 ) -> list[str]:
     script = inner_script(argv, cwd=cwd, env=env, pidfile=pidfile, stdin_file=stdin_file)
     return [SHELL, "-c", as_user(script, user)]
+
+
+def run_as(default: str | None, user: str | None) -> str | None:
+    """Who a command runs as: the call's `user`, else the sandbox's (`default`); an empty
+    `user` means the vendor's own default user."""
+    return default if user is None else (user or None)
+
+
+def scratch_path() -> str:
+    """A fresh path under the sandbox's /tmp for one command's files (output, FIFO, pid)."""
+    return f"/tmp/.mcp-sandboxes-{secrets.token_hex(8)}"
+
+
+def wait_until(test: str, *, tries: int = 200, step_s: float = 0.05) -> str:
+    """Shell that waits, at most `tries` x `step_s`, until `[ test ]` holds (e.g. `-s <pidfile>`):
+    a command started in the background writes its files a moment later."""
+    return f"i=0; while [ ! {test} ] && [ $i -lt {tries} ]; do sleep {step_s:g}; i=$((i+1)); done; "
+
+
+def stdin_holder(directory: str) -> str:
+    """Shell that starts the holder of the FIFO `directory`/in (its pid in `directory`/holder).
+    It keeps a writer open, so a command reading the FIFO sees the end of its input only
+    when `end_holder` kills the holder (close_stdin)."""
+    d = q(directory)
+    return f"sleep 2147483647 <>{d}/in >/dev/null 2>&1 & echo $! > {d}/holder"
+
+
+def end_holder(directory: str) -> str:
+    return f'kill "$(cat {q(directory)}/holder)" 2>/dev/null; '
 
 
 def signal_name(signum: int) -> str:

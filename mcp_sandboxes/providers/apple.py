@@ -40,7 +40,7 @@ from mcp_sandboxes.errors import (
 )
 from mcp_sandboxes.providers._cleanup import removed_on_failure
 from mcp_sandboxes.providers._labels import owner_labels
-from mcp_sandboxes.providers._remote_shell import quote
+from mcp_sandboxes.providers._remote_shell import quote, wait_until
 from mcp_sandboxes.providers._remote_stream import QueuedStream, followed, run_collected, sole_exception
 from mcp_sandboxes.providers._remote_support import (
     CLEANUP_TIMEOUT_S,
@@ -309,8 +309,7 @@ class AppleProcess(QueuedStream):
         if self.output.ended:
             return
         pid = quote([self._pid_file])
-        wait_for_pid = f"i=0; while [ ! -s {pid} ] && [ $i -lt 200 ]; do sleep 0.05; i=$((i+1)); done; "
-        script = wait_for_pid + f'kill -{int(signum)} "$(cat {pid})"'
+        script = wait_until(f"-s {pid}") + f'kill -{int(signum)} "$(cat {pid})"'
         args = self._sandbox.exec_args(["sh", "-c", script], env=None, cwd="/", user="0", stdin=False)
         result = await self._sandbox._owner.cli(args)
         if result.returncode != 0 and not self.output.ended:

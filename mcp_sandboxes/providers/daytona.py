@@ -56,7 +56,7 @@ from mcp_sandboxes.errors import (
 from mcp_sandboxes.providers._cleanup import removed_on_failure
 from mcp_sandboxes.providers._labels import owner_labels
 from mcp_sandboxes.providers._remote_http import setting_or_env
-from mcp_sandboxes.providers._remote_shell import quote
+from mcp_sandboxes.providers._remote_shell import quote, wait_until
 from mcp_sandboxes.providers._remote_stream import QueuedStream, followed, sole_exception
 from mcp_sandboxes.providers._remote_support import (
     CLEANUP_TIMEOUT_S,
@@ -434,7 +434,7 @@ class DaytonaProcess(QueuedStream):
     def _wait_for(self, name: str) -> str:
         # The session command starts asynchronously: wait (boundedly) until it wrote `name`.
         target = quote([f"{self.state}/{name}"])
-        return f"i=0; while [ ! -s {target} ] && [ $i -lt 200 ]; do sleep 0.05; i=$((i+1)); done; "
+        return wait_until(f"-s {target}")
 
     async def _helper(self, script: str, action: str) -> None:
         code, output = await self._sandbox.execute(script, action, HELPER_TIMEOUT_S)

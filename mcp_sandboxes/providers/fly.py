@@ -60,10 +60,15 @@ from mcp_sandboxes.providers._remote_http import (
 from mcp_sandboxes.providers._remote_shell import (
     SHELL,
     captured,
+    end_holder,
     q,
     quote,
     reject_unsupported,
+    run_as,
+    scratch_path,
     signal_name,
+    stdin_holder,
+    wait_until,
     wrap,
 )
 from mcp_sandboxes.providers._remote_stream import QueuedStream, followed
@@ -342,8 +347,8 @@ class FlySandbox:
         pidfile: str | None = None,
     ) -> str:
         merged_env = {**self.spec.env, **(env or {})}
-        run_as = self.spec.user if user is None else (user or None)
-        return wrap(argv, cwd=cwd or self.spec.workdir, env=merged_env, user=run_as, pidfile=pidfile)[2]
+        user = run_as(self.spec.user, user)
+        return wrap(argv, cwd=cwd or self.spec.workdir, env=merged_env, user=user, pidfile=pidfile)[2]
 
     async def exec(
         self,
@@ -362,7 +367,7 @@ class FlySandbox:
             stdin_text = base64.b64encode(stdin).decode("ascii")
         # Output goes to files that a second exec returns as base64: the API's JSON strings
         # cannot carry bytes that are not UTF-8.
-        capture = f"/tmp/.mcp-sandboxes-{secrets.token_hex(8)}"
+        capture = scratch_path()
         script = captured(self.command_script(argv, env=env, cwd=cwd, user=user), capture)
         limit = timeout if timeout is not None else float(self._owner.stream_timeout_s)
         d = q(capture)
@@ -419,7 +424,7 @@ class FlySandbox:
 
     async def put_file(self, path: str, data: bytes, mode: int = 0o644, user: str | None = None) -> None:
         script = f'mkdir -p "$(dirname {q(path)})" && base64 -d > {q(path)} && chmod {mode:o} {q(path)}'
-        owner = self.spec.user if user is None else (user or None)
+        owner = run_as(self.spec.user, user)
         if owner:
             script += f" && chown {q(owner)} {q(path)}"
         result = await self.run_root(script, stdin=base64.b64encode(data).decode("ascii"))
@@ -460,7 +465,7 @@ class FlyProcess(QueuedStream):
         super().__init__(limit=math.inf)
         self._sandbox = sandbox
         self._poll_interval_s = poll_interval_s
-        self.dir = f"/tmp/.mcp-sandboxes-{secrets.token_hex(8)}"
+        self.dir = scratch_path()
         self._offsets = {"stdout": 0, "stderr": 0}
         self._stdin_closed = False
 
@@ -468,8 +473,7 @@ class FlyProcess(QueuedStream):
         d = q(self.dir)
         launch = (
             f"mkdir -p {d} && chmod 700 {d} && mkfifo {d}/in && : > {d}/out && : > {d}/err && "
-            # The holder keeps a writer on the FIFO, so the command sees end of input only at close_stdin.
-            f"{{ sleep 2147483647 <>{d}/in >/dev/null 2>&1 & echo $! > {d}/holder; }} && "
+            f"{{ {stdin_holder(self.dir)}; }} && "
             f"{{ ( {SHELL} -c {q(script)} <{d}/in >{d}/out 2>{d}/err; echo $? > {d}/exit.new; "
             f"mv {d}/exit.new {d}/exit ) </dev/null >/dev/null 2>&1 & }}"
         )
@@ -529,7 +533,7 @@ class FlyProcess(QueuedStream):
         if self._stdin_closed:
             return
         self._stdin_closed = True
-        await self._sandbox.run_root(f'kill "$(cat {q(self.dir)}/holder)" 2>/dev/null; exit 0')
+        await self._sandbox.run_root(f"{end_holder(self.dir)}exit 0")
 
     async def signal(self, signum: int = _signal.SIGTERM) -> None:
         if self.output.ended:
@@ -537,7 +541,7 @@ class FlyProcess(QueuedStream):
         pid = f"{q(self.dir)}/pid"
         # The pid file is written first thing by the wrapper; wait for it a bounded while.
         script = (
-            f"i=0; while [ ! -s {pid} ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i+1)); done; "
+            f"{wait_until(f'-s {pid}', tries=50, step_s=0.1)}"
             f'kill -s {signal_name(signum)} "$(cat {pid})" 2>/dev/null; exit 0'
         )
         with anyio.fail_after(SIGNAL_TIMEOUT_S):
@@ -548,6 +552,6 @@ class FlyProcess(QueuedStream):
         d = q(self.dir)
         kill = "" if self.output.ended else f'[ -s {d}/pid ] && kill -9 "$(cat {d}/pid)" 2>/dev/null; '
         try:
-            await self._sandbox.run_root(f'{kill}kill "$(cat {d}/holder)" 2>/dev/null; rm -rf {d}; exit 0')
+            await self._sandbox.run_root(f"{kill}{end_holder(self.dir)}rm -rf {d}; exit 0")
         except (ProviderError, TimeoutError):
             pass

@@ -70,6 +70,7 @@ from mcp_sandboxes.providers._remote_shell import (
     inner_script,
     q,
     reject_unsupported,
+    run_as,
     signal_name,
 )
 from mcp_sandboxes.providers._remote_stream import QueuedStream, followed
@@ -261,9 +262,8 @@ class SpritesSandbox:
         return f"{ws_base}/v1/sprites/{self.id}/exec?{urlencode(query)}"
 
     def command(self, argv: list[str], *, env: dict[str, str] | None, user: str | None) -> list[str]:
-        run_as = self.spec.user if user is None else (user or None)
         script = inner_script(argv, env={**self.spec.env, **(env or {})})
-        return [SHELL, "-c", as_user(script, run_as)]
+        return [SHELL, "-c", as_user(script, run_as(self.spec.user, user))]
 
     async def open(
         self, argv: list[str], *, env: dict[str, str] | None, cwd: str | None, user: str | None, stdin: bool
@@ -357,7 +357,7 @@ class SpritesSandbox:
             timeout_s=DEFAULT_FILE_TIMEOUT_S,
             ok=(200, 201),
         )
-        owner = self.spec.user if user is None else (user or None)
+        owner = run_as(self.spec.user, user)
         if owner:
             result = await self.run_script(f"chown {q(owner)} {q(params['path'])}", user="root", cwd="/")
             if not result.ok:

@@ -64,10 +64,15 @@ from mcp_sandboxes.providers._remote_shell import (
     SHELL,
     as_user,
     captured,
+    end_holder,
     inner_script,
     q,
     quote,
     reject_unsupported,
+    run_as,
+    scratch_path,
+    stdin_holder,
+    wait_until,
 )
 from mcp_sandboxes.providers._remote_stream import OutputQueue, QueuedStream, followed
 from mcp_sandboxes.providers.base import (
@@ -309,11 +314,11 @@ class VercelSandbox:
     def _request(
         self, argv: list[str], *, env: dict[str, str] | None, cwd: str | None, user: str | None, stdin_file: str | None
     ) -> dict[str, Any]:
-        run_as = self.spec.user if user is None else (user or None)
-        sudo = run_as is not None
+        user = run_as(self.spec.user, user)
+        sudo = user is not None
         script = inner_script(argv, stdin_file=stdin_file)
-        if run_as is not None and run_as not in ROOT_USERS:
-            script = as_user(script, run_as)
+        if user is not None and user not in ROOT_USERS:
+            script = as_user(script, user)
         return {
             "command": SHELL,
             "args": ["-c", script],
@@ -390,7 +395,7 @@ class VercelSandbox:
         return ExecResult(await output.wait(), bytes(stdout), bytes(stderr))
 
     async def stage_stdin(self, data: bytes) -> str:
-        path = f"/tmp/.mcp-sandboxes-{secrets.token_hex(8)}.stdin"
+        path = f"{scratch_path()}.stdin"
         await self._write(path, data, 0o644)
         return path
 
@@ -406,7 +411,7 @@ class VercelSandbox:
     ) -> ExecResult:
         stdin_file = await self.stage_stdin(stdin) if stdin is not None else None
         # Output goes to files read back with fs/read: the logs carry JSON strings, not bytes.
-        capture = f"/tmp/.mcp-sandboxes-{secrets.token_hex(8)}"
+        capture = scratch_path()
         try:
             body = self._request(argv, env=env, cwd=cwd, user=user, stdin_file=stdin_file)
             body["args"] = ["-c", captured(body["args"][1], capture)]
@@ -465,7 +470,7 @@ class VercelSandbox:
 
     async def put_file(self, path: str, data: bytes, mode: int = 0o644, user: str | None = None) -> None:
         await self._write(path, data, mode)
-        owner = self.spec.user if user is None else (user or None)
+        owner = run_as(self.spec.user, user)
         if owner:
             result = await self.run_script(f"chown {q(owner)} {q(path)}", sudo=True, cwd="/")
             if not result.ok:
@@ -498,7 +503,7 @@ class VercelProcess(QueuedStream):
     def __init__(self, sandbox: VercelSandbox) -> None:
         super().__init__(limit=math.inf)
         self._sandbox = sandbox
-        self.dir = f"/tmp/.mcp-sandboxes-{secrets.token_hex(8)}"
+        self.dir = scratch_path()
         self._command_id: str | None = None
         self._stdin_closed = False
         self._chunks_sent = 0
@@ -507,9 +512,7 @@ class VercelProcess(QueuedStream):
         d = q(self.dir)
         script = (
             f"mkdir -p {d} && mkfifo {d}/in || exit 125\n"
-            # The holder keeps a writer on the FIFO, so the command sees end of input only at close_stdin.
-            f"sleep 2147483647 <>{d}/in >/dev/null 2>&1 &\n"
-            f"echo $! > {d}/holder\n"
+            f"{stdin_holder(self.dir)}\n"
             f"exec {SHELL} -c {q(body['args'][1])} <{d}/in"
         )
         self._command_id = await self._sandbox.start_command({**body, "args": ["-c", script]})
@@ -535,8 +538,7 @@ class VercelProcess(QueuedStream):
         await self._sandbox._write(chunk, data, 0o600)
         d = q(self.dir)
         result = await self._helper(
-            f"i=0; while [ ! -p {d}/in ] && [ $i -lt 200 ]; do sleep 0.05; i=$((i+1)); done; "
-            f"cat {q(chunk)} > {d}/in; c=$?; rm -f {q(chunk)}; exit $c"
+            f"{wait_until(f'-p {d}/in')}cat {q(chunk)} > {d}/in; c=$?; rm -f {q(chunk)}; exit $c"
         )
         if not result.ok:
             raise ProviderError(
@@ -549,10 +551,7 @@ class VercelProcess(QueuedStream):
             return
         self._stdin_closed = True
         d = q(self.dir)
-        await self._helper(
-            f"i=0; while [ ! -s {d}/holder ] && [ $i -lt 200 ]; do sleep 0.05; i=$((i+1)); done; "
-            f'kill "$(cat {d}/holder)" 2>/dev/null; exit 0'
-        )
+        await self._helper(f"{wait_until(f'-s {d}/holder')}{end_holder(self.dir)}exit 0")
 
     async def signal(self, signum: int = _signal.SIGTERM) -> None:
         if self.output.ended or self._command_id is None:
@@ -568,6 +567,6 @@ class VercelProcess(QueuedStream):
                 pass
         d = q(self.dir)
         try:
-            await self._helper(f'kill "$(cat {d}/holder)" 2>/dev/null; rm -rf {d} {d}.in*; exit 0')
+            await self._helper(f"{end_holder(self.dir)}rm -rf {d} {d}.in*; exit 0")
         except (ProviderError, TimeoutError):
             pass
