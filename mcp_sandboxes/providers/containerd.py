@@ -60,14 +60,7 @@ from mcp_sandboxes.errors import (
     ProviderUnavailableError,
 )
 from mcp_sandboxes.providers._ctr import INSTALL_FIX, START_FIX, Ctr, CtrResult, ctr_failure
-from mcp_sandboxes.providers._local_process import (
-    LocalExecStream,
-    check_exec_args,
-    exec_result,
-    run_process,
-    run_to_end,
-    timed_out,
-)
+from mcp_sandboxes.providers._local_process import LocalExecStream, check_exec_args, run_process, run_to_end
 from mcp_sandboxes.providers._remote_stream import sole_exception
 from mcp_sandboxes.providers.base import (
     DEFAULT_CREATE_TIMEOUT_S,
@@ -243,12 +236,14 @@ class ContainerdProvider:
         workdir = posixpath.normpath(spec.workdir)
         token = uuid.uuid4().hex
         args = self._run_args(spec, name, token, workdir)
-        await self._require_image(spec.image)
         try:
             try:
                 await self.ctr.checked(
                     args, action=f"creating a container from {spec.image}", limit_s=DEFAULT_CREATE_TIMEOUT_S
                 )
+            except ImageNotFoundError as exc:
+                # ctr looks the image up before it makes anything: nothing to remove.
+                raise self._image_missing(spec.image) from exc
             except ProviderError as exc:
                 mapped = _mount_error(exc, spec)
                 if mapped is exc:
@@ -313,11 +308,14 @@ class ContainerdProvider:
             limit_s=API_TIMEOUT_S,
         )
         if reference not in listed.decode("utf-8", "replace").split():
-            raise ImageNotFoundError(
-                f"image {image!r} ({reference}) is not in containerd namespace {self.namespace!r} at"
-                f" {self.settings.address}: import it (scripts/import-images.sh does the project's images;"
-                f" else `docker save {image} | ctr -n {self.namespace} images import -`)"
-            )
+            raise self._image_missing(image)
+
+    def _image_missing(self, image: str) -> ImageNotFoundError:
+        return ImageNotFoundError(
+            f"image {image!r} ({image_reference(image)}) is not in containerd namespace {self.namespace!r} at"
+            f" {self.settings.address}: import it (scripts/import-images.sh does the project's images;"
+            f" else `docker save {image} | ctr -n {self.namespace} images import -`)"
+        )
 
     def _cgroups_path(self, container_id: str) -> str:
         return f"/{self.namespace}/{container_id}"
@@ -494,8 +492,11 @@ class ContainerdSandbox:
             exit_code = await run_to_end(process, stdin=stdin, time_limit=timeout, stdout=stdout, stderr=stderr)
         # Leaving the stream context killed the process if the deadline cut it short.
         if exit_code is None:
-            raise timed_out(argv, timeout or 0.0)
-        return exec_result(exit_code, stdout, stderr)
+            raise ProviderError(
+                f"command {argv[0]!r} did not finish within {timeout:g}s and was killed;"
+                " raise the timeout or make the command finish sooner"
+            )
+        return ExecResult(exit_code=exit_code, stdout=bytes(stdout), stderr=bytes(stderr))
 
     @asynccontextmanager
     async def stream(
