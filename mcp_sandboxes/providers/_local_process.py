@@ -16,7 +16,7 @@ import os
 import signal as _signal
 import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Literal
 
 import anyio
@@ -40,6 +40,10 @@ CLEANUP_TIMEOUT_S = 10.0
 # Given the process's pid, the process groups a signal should reach first; the process's own
 # group is the fallback when none of them exists (yet).
 SignalGroups = Callable[[int], Awaitable[list[int]]]
+
+# Put before a command, `sh` execs it: a missing program becomes exit 127 and one that cannot
+# run 126, as in a shell or docker exec, instead of an error from starting it (or bwrap's exit 1).
+EXEC_SHIM = ["/bin/sh", "-c", 'exec "$@"', "sh"]
 
 
 def exit_status(returncode: int) -> int:
@@ -176,10 +180,10 @@ async def run_process(
     program: str,
     pass_fds: Sequence[int] = (),
     signal_groups: SignalGroups | None = None,
-    on_start: Callable[[LocalExecStream], None] | None = None,
-    on_end: Callable[[LocalExecStream], None] | None = None,
+    live: set[LocalExecStream] | None = None,
 ) -> AsyncIterator[LocalExecStream]:
-    """Start `argv` in a new session; the context's end kills what is left of its group."""
+    """Start `argv` in a new session; the context's end kills what is left of its group.
+    While it runs, the stream is in `live` (see LiveStreams)."""
     try:
         process = await anyio.open_process(
             list(argv),
@@ -194,8 +198,8 @@ async def run_process(
     except OSError as exc:
         raise ProviderError(f"cannot start {argv[0]!r}: {exc.strerror or exc}") from exc
     stream = LocalExecStream(process, program, signal_groups)
-    if on_start is not None:
-        on_start(stream)
+    if live is not None:
+        live.add(stream)
     try:
         async with anyio.create_task_group() as tasks:
             # The memory stream ends once both pumps (each holding a clone) are done.
@@ -211,8 +215,47 @@ async def run_process(
     finally:
         with anyio.CancelScope(shield=True), anyio.move_on_after(CLEANUP_TIMEOUT_S):
             await stream.close_pipes()
-        if on_end is not None:
-            on_end(stream)
+        if live is not None:
+            live.discard(stream)
+
+
+class LiveStreams:
+    """The streams running in each sandbox of a provider, so destroying the sandbox (or
+    closing the provider) ends them."""
+
+    def __init__(self) -> None:
+        self._by_sandbox: dict[str, set[LocalExecStream]] = {}
+
+    def of(self, sandbox_id: str) -> set[LocalExecStream]:
+        """The set `run_process(live=...)` keeps a sandbox's running streams in."""
+        return self._by_sandbox.setdefault(sandbox_id, set())
+
+    async def kill(self, sandbox_id: str) -> None:
+        for stream in list(self._by_sandbox.pop(sandbox_id, ())):
+            await stream.kill()
+
+    async def kill_all(self) -> None:
+        for streams in list(self._by_sandbox.values()):
+            for stream in list(streams):
+                await stream.kill()
+
+
+async def exec_collected(
+    stream: AbstractAsyncContextManager[ExecStream],
+    argv: list[str],
+    *,
+    stdin: bytes | None,
+    timeout: float | None,  # noqa: ASYNC109 - the limit of the whole command, as Sandbox.exec takes it
+) -> ExecResult:
+    """`exec` of `argv` through the sandbox's own stream of it; past `timeout` the stream's
+    context kills the command and the error says so."""
+    stdout, stderr = bytearray(), bytearray()
+    async with stream as process:
+        exit_code = await run_to_end(process, stdin=stdin, time_limit=timeout, stdout=stdout, stderr=stderr)
+    if exit_code is None:
+        assert timeout is not None  # without a time limit the command runs to its end
+        raise _timed_out(argv, timeout)
+    return ExecResult(exit_code=exit_code, stdout=bytes(stdout), stderr=bytes(stderr))
 
 
 async def run_to_end(
@@ -236,15 +279,11 @@ async def run_to_end(
     return exit_code
 
 
-def timed_out(argv: list[str], timeout: float) -> ProviderError:
+def _timed_out(argv: list[str], timeout: float) -> ProviderError:
     return ProviderError(
         f"command {argv[0]!r} did not finish within {timeout:g}s and was killed;"
         " raise the timeout or make the command finish sooner"
     )
-
-
-def exec_result(exit_code: int, stdout: bytearray, stderr: bytearray) -> ExecResult:
-    return ExecResult(exit_code=exit_code, stdout=bytes(stdout), stderr=bytes(stderr))
 
 
 async def _feed_stdin(process: ExecStream, data: bytes | None) -> None:

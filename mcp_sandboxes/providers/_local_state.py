@@ -5,7 +5,8 @@ and `list_owned` the sandboxes an earlier one made.
 Files are read and written beneath those directories without ever following a symbolic
 link: the sandbox controls their contents, and a link it planted (`ln -s /etc/shadow x`)
 must not make the server, which may run as root, touch a host file outside the sandbox.
-Everything here is blocking file-system work; callers run it in a worker thread.
+Everything here but `ensure_present` is blocking file-system work; callers run it in a
+worker thread.
 """
 
 from __future__ import annotations
@@ -20,8 +21,15 @@ import sys
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+import anyio
+
+from mcp_sandboxes.errors import SandboxGoneError
+from mcp_sandboxes.providers._labels import owner_labels
+from mcp_sandboxes.providers.base import SandboxSpec
 
 METADATA_FILE = "sandbox.json"
 METADATA_VERSION = 1
@@ -37,9 +45,23 @@ def is_sandbox_id(value: str) -> bool:
     return bool(_ID_PATTERN.match(value))
 
 
-def default_state_dir(provider: str) -> Path:
+def resolve_state_dir(configured: str, provider: str) -> Path:
+    """Where a provider keeps its sandboxes: the configured directory, else one under the data dir."""
+    if configured:
+        return Path(configured).expanduser()
     base = os.environ.get("MCP_SANDBOXES_DATA_DIR") or "~/.local/share/mcp-sandboxes"
     return Path(base).expanduser() / "sandboxes" / provider
+
+
+def new_metadata(sandbox_id: str, provider: str, spec: SandboxSpec) -> dict[str, Any]:
+    """What every local sandbox's metadata holds; providers add their own keys."""
+    return {
+        "id": sandbox_id,
+        "provider": provider,
+        "created_at": datetime.now(UTC).isoformat(),
+        "spec": spec.model_dump(mode="json"),
+        "labels": owner_labels(spec, sandbox_id),
+    }
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +95,12 @@ class SandboxDirs:
         self.tmp.mkdir()
         # Sticky and world-writable like any /tmp (mkdir's mode is cut by the umask).
         self.tmp.chmod(0o1777)
+
+
+async def ensure_present(dirs: SandboxDirs, sandbox_id: str) -> None:
+    """SandboxGoneError unless the sandbox's metadata is still there (destroy removes it)."""
+    if not await anyio.Path(dirs.metadata).exists():
+        raise SandboxGoneError(f"sandbox {sandbox_id} no longer exists; create a new one")
 
 
 def write_metadata(dirs: SandboxDirs, data: dict[str, Any]) -> None:

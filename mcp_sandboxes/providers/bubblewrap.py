@@ -45,13 +45,12 @@ import subprocess
 from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import anyio
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from mcp_sandboxes.errors import (
     InvalidInputError,
@@ -59,34 +58,35 @@ from mcp_sandboxes.errors import (
     NotFoundError,
     ProviderError,
     ProviderUnavailableError,
-    SandboxGoneError,
 )
 from mcp_sandboxes.providers import _bwrap_root as rootfs
 from mcp_sandboxes.providers._bwrap_holder import Holder, start_holder
 from mcp_sandboxes.providers._bwrap_limits import Limiter, LimitsMethod, probe_limiter, remove_cgroups
 from mcp_sandboxes.providers._cleanup import removed_on_failure
-from mcp_sandboxes.providers._labels import owner_labels
 from mcp_sandboxes.providers._local_process import (
+    EXEC_SHIM,
+    LiveStreams,
     LocalExecStream,
     check_exec_args,
-    exec_result,
+    exec_collected,
     run_process,
-    run_to_end,
-    timed_out,
 )
 from mcp_sandboxes.providers._local_state import (
     ResolveInSandbox,
     SandboxDirs,
-    default_state_dir,
+    ensure_present,
     is_sandbox_id,
     list_sandbox_dirs,
+    new_metadata,
     new_sandbox_id,
     read_beneath,
     read_metadata,
     remove_tree,
+    resolve_state_dir,
     write_beneath,
     write_metadata,
 )
+from mcp_sandboxes.providers._settings import validated
 from mcp_sandboxes.providers.base import (
     DEFAULT_CREATE_TIMEOUT_S,
     DEFAULT_EXEC_TIMEOUT_S,
@@ -149,22 +149,16 @@ class BubblewrapProvider:
 
     def __init__(self, settings: BubblewrapSettings | None = None) -> None:
         self.settings = settings or BubblewrapSettings()
-        configured = self.settings.state_dir
-        self.state_dir = Path(configured).expanduser() if configured else default_state_dir(PROVIDER_NAME)
+        self.state_dir = resolve_state_dir(self.settings.state_dir, PROVIDER_NAME)
         self._limiter: Limiter | None = None
         self._holders: dict[str, Holder] = {}
         self._holder_locks: dict[str, anyio.Lock] = {}
-        self._live: dict[str, set[LocalExecStream]] = {}
+        self.live = LiveStreams()
         self._closed = False
 
     @classmethod
     def from_settings(cls, settings: Mapping[str, Any]) -> BubblewrapProvider:
-        try:
-            return cls(BubblewrapSettings.model_validate(dict(settings)))
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            field = ".".join(str(part) for part in first["loc"])
-            raise InvalidInputError(f"providers.bubblewrap.{field}", f"{first['msg']} (fix the config file)") from exc
+        return cls(validated(BubblewrapSettings, settings, PROVIDER_NAME))
 
     # -- engine --------------------------------------------------------------------------
 
@@ -287,11 +281,7 @@ class BubblewrapProvider:
         (dirs.etc / "passwd").write_text(passwd, "utf-8")
         (dirs.etc / "group").write_text(group, "utf-8")
         metadata: dict[str, Any] = {
-            "id": sandbox_id,
-            "provider": PROVIDER_NAME,
-            "created_at": datetime.now(UTC).isoformat(),
-            "spec": spec.model_dump(mode="json"),
-            "labels": owner_labels(spec, sandbox_id),
+            **new_metadata(sandbox_id, PROVIDER_NAME, spec),
             "root": {"path": root.path, "entries": list(root.entries) if root.entries is not None else None},
             "user": {"uid": user.uid, "gid": user.gid, "home": _home_of(user)},
             "cgroups": [],
@@ -388,8 +378,7 @@ class BubblewrapProvider:
             self._holder_locks.pop(sandbox_id, None)
             if holder is not None:
                 await holder.stop()
-            for stream in list(self._live.pop(sandbox_id, ())):
-                await stream.kill()
+            await self.live.kill(sandbox_id)
             dirs = self._dirs(sandbox_id)
             metadata = await anyio.to_thread.run_sync(read_metadata, dirs)
             cgroups = [str(directory) for _, directory in metadata.get("cgroups", [])] if metadata else []
@@ -413,13 +402,6 @@ class BubblewrapProvider:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
-
-    def track(self, sandbox_id: str, stream: LocalExecStream, *, live: bool) -> None:
-        streams = self._live.setdefault(sandbox_id, set())
-        if live:
-            streams.add(stream)
-        else:
-            streams.discard(stream)
 
 
 class BubblewrapSandbox:
@@ -453,13 +435,7 @@ class BubblewrapSandbox:
         user: str | None = None,
         timeout: float | None = DEFAULT_EXEC_TIMEOUT_S,  # noqa: ASYNC109 - the Sandbox protocol's parameter
     ) -> ExecResult:
-        stdout, stderr = bytearray(), bytearray()
-        async with self.stream(argv, env=env, cwd=cwd, user=user) as process:
-            exit_code = await run_to_end(process, stdin=stdin, time_limit=timeout, stdout=stdout, stderr=stderr)
-        if exit_code is None:
-            assert timeout is not None  # without a time limit the command runs to its end
-            raise timed_out(argv, timeout)
-        return exec_result(exit_code, stdout, stderr)
+        return await exec_collected(self.stream(argv, env=env, cwd=cwd, user=user), argv, stdin=stdin, timeout=timeout)
 
     def _check_user(self, user: str | None) -> None:
         if user is None or user in ("0", "root", "0:0"):
@@ -483,8 +459,7 @@ class BubblewrapSandbox:
     ) -> AsyncIterator[LocalExecStream]:
         check_exec_args(argv, env, cwd, user)
         self._check_user(user)
-        if not await anyio.Path(self._dirs.metadata).exists():
-            raise SandboxGoneError(f"sandbox {self.id} no longer exists; create a new one")
+        await ensure_present(self._dirs, self.id)
         layout = self._layout
         environment = {"PATH": DEFAULT_PATH, "HOME": layout.home, **layout.spec.env, **(env or {})}
         limiter = await self._owner.limiter()
@@ -517,15 +492,14 @@ class BubblewrapSandbox:
             # Options go through a memfd (`--args`): environment values (API keys) never show
             # up in the host's world-readable /proc/<pid>/cmdline.
             with _args_memfd(options) as args_fd:
-                command = [self._owner.bwrap(), "--args", str(args_fd), "--", *_EXEC_SHIM, *argv]
+                command = [self._owner.bwrap(), "--args", str(args_fd), "--", *EXEC_SHIM, *argv]
                 async with run_process(
                     limiter.wrap(command, layout.cgroups, layout.spec.limits),
                     env={"PATH": os.environ.get("PATH", DEFAULT_PATH)},
                     program=argv[0],
                     pass_fds=(args_fd, userns_fd, pidns_fd),
                     signal_groups=_command_group,
-                    on_start=lambda started: self._owner.track(self.id, started, live=True),
-                    on_end=lambda ended: self._owner.track(self.id, ended, live=False),
+                    live=self._owner.live.of(self.id),
                 ) as process:
                     yield process
 
@@ -557,8 +531,7 @@ class BubblewrapSandbox:
         if not 0 <= mode <= 0o7777:
             raise InvalidInputError("mode", f"{mode:o} is not a file mode; use e.g. 0o644")
         self._check_user(user)
-        if not await anyio.Path(self._dirs.metadata).exists():
-            raise SandboxGoneError(f"sandbox {self.id} no longer exists; create a new one")
+        await ensure_present(self._dirs, self.id)
         target = self._host_side(path)
         if target is not None:
             try:
@@ -581,8 +554,7 @@ class BubblewrapSandbox:
 
     async def get_file(self, path: str) -> bytes:
         path = _absolute(path, "path")
-        if not await anyio.Path(self._dirs.metadata).exists():
-            raise SandboxGoneError(f"sandbox {self.id} no longer exists; create a new one")
+        await ensure_present(self._dirs, self.id)
         source = self._host_side(path)
         if source is not None:
             try:
@@ -609,10 +581,6 @@ class BubblewrapSandbox:
 
 
 # -- helpers ---------------------------------------------------------------------------------
-
-# Inside the sandbox, `sh` execs the command: a missing program becomes exit 127 and one that
-# cannot run 126, as in a shell or docker exec (bwrap itself would exit 1 for both).
-_EXEC_SHIM = ["/bin/sh", "-c", 'exec "$@"', "sh"]
 
 
 def _home_of(user: rootfs.UserEntry) -> str:

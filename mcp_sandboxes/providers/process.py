@@ -22,35 +22,36 @@ import posixpath
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import anyio
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from mcp_sandboxes.errors import InvalidInputError, NotFoundError, ProviderError, SandboxGoneError
+from mcp_sandboxes.errors import InvalidInputError, NotFoundError, ProviderError
 from mcp_sandboxes.providers._cleanup import removed_on_failure
-from mcp_sandboxes.providers._labels import owner_labels
 from mcp_sandboxes.providers._local_process import (
+    EXEC_SHIM,
+    LiveStreams,
     LocalExecStream,
     check_exec_args,
-    exec_result,
+    exec_collected,
     run_process,
-    run_to_end,
-    timed_out,
 )
 from mcp_sandboxes.providers._local_state import (
     SandboxDirs,
-    default_state_dir,
+    ensure_present,
     is_sandbox_id,
     list_sandbox_dirs,
+    new_metadata,
     new_sandbox_id,
     read_metadata,
     remove_tree,
+    resolve_state_dir,
     write_metadata,
 )
+from mcp_sandboxes.providers._settings import validated
 from mcp_sandboxes.providers.base import (
     DEFAULT_EXEC_TIMEOUT_S,
     DEFAULT_FILE_TIMEOUT_S,
@@ -89,18 +90,12 @@ class ProcessProvider:
 
     def __init__(self, settings: ProcessSettings | None = None) -> None:
         self.settings = settings or ProcessSettings()
-        configured = self.settings.state_dir
-        self.state_dir = Path(configured).expanduser() if configured else default_state_dir(PROVIDER_NAME)
-        self._live: dict[str, set[LocalExecStream]] = {}
+        self.state_dir = resolve_state_dir(self.settings.state_dir, PROVIDER_NAME)
+        self.live = LiveStreams()
 
     @classmethod
     def from_settings(cls, settings: Mapping[str, Any]) -> ProcessProvider:
-        try:
-            return cls(ProcessSettings.model_validate(dict(settings)))
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            field = ".".join(str(part) for part in first["loc"])
-            raise InvalidInputError(f"providers.process.{field}", f"{first['msg']} (fix the config file)") from exc
+        return cls(validated(ProcessSettings, settings, PROVIDER_NAME))
 
     async def check(self) -> Availability:
         logger.warning("%s", NO_ISOLATION)
@@ -124,14 +119,7 @@ class ProcessProvider:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         dirs = self._dirs(sandbox_id)
         dirs.make()
-        metadata: dict[str, Any] = {
-            "id": sandbox_id,
-            "provider": PROVIDER_NAME,
-            "created_at": datetime.now(UTC).isoformat(),
-            "spec": spec.model_dump(mode="json"),
-            "labels": owner_labels(spec, sandbox_id),
-            "shared_workdir": os.path.isdir(spec.workdir),
-        }
+        metadata = {**new_metadata(sandbox_id, PROVIDER_NAME, spec), "shared_workdir": os.path.isdir(spec.workdir)}
         write_metadata(dirs, metadata)
         return metadata
 
@@ -158,8 +146,7 @@ class ProcessProvider:
         if not is_sandbox_id(sandbox_id):
             return
         with anyio.CancelScope(shield=True), anyio.fail_after(DESTROY_TIMEOUT_S):
-            for stream in list(self._live.pop(sandbox_id, ())):
-                await stream.kill()
+            await self.live.kill(sandbox_id)
             await anyio.to_thread.run_sync(remove_tree, self._dirs(sandbox_id).root)
 
     async def list_owned(self) -> list[str]:
@@ -167,22 +154,13 @@ class ProcessProvider:
 
     async def aclose(self) -> None:
         with anyio.CancelScope(shield=True):
-            for streams in list(self._live.values()):
-                for stream in list(streams):
-                    await stream.kill()
+            await self.live.kill_all()
 
     async def __aenter__(self) -> ProcessProvider:
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
-
-    def track(self, sandbox_id: str, stream: LocalExecStream, *, live: bool) -> None:
-        streams = self._live.setdefault(sandbox_id, set())
-        if live:
-            streams.add(stream)
-        else:
-            streams.discard(stream)
 
 
 class ProcessSandbox:
@@ -210,10 +188,6 @@ class ProcessSandbox:
             return places.workdir / path[len(workdir) :].lstrip("/")
         return Path(path)
 
-    async def _ensure_exists(self) -> None:
-        if not await anyio.Path(self._places.dirs.metadata).exists():
-            raise SandboxGoneError(f"sandbox {self.id} no longer exists; create a new one")
-
     async def exec(
         self,
         argv: list[str],
@@ -224,13 +198,7 @@ class ProcessSandbox:
         user: str | None = None,
         timeout: float | None = DEFAULT_EXEC_TIMEOUT_S,  # noqa: ASYNC109 - the Sandbox protocol's parameter
     ) -> ExecResult:
-        stdout, stderr = bytearray(), bytearray()
-        async with self.stream(argv, env=env, cwd=cwd, user=user) as process:
-            exit_code = await run_to_end(process, stdin=stdin, time_limit=timeout, stdout=stdout, stderr=stderr)
-        if exit_code is None:
-            assert timeout is not None  # without a time limit the command runs to its end
-            raise timed_out(argv, timeout)
-        return exec_result(exit_code, stdout, stderr)
+        return await exec_collected(self.stream(argv, env=env, cwd=cwd, user=user), argv, stdin=stdin, timeout=timeout)
 
     @asynccontextmanager
     async def stream(
@@ -242,7 +210,7 @@ class ProcessSandbox:
         user: str | None = None,
     ) -> AsyncIterator[LocalExecStream]:
         check_exec_args(argv, env, cwd, user)
-        await self._ensure_exists()
+        await ensure_present(self._places.dirs, self.id)
         places = self._places
         directory = self.host_path(cwd) if cwd is not None else places.workdir
         if not await anyio.Path(directory).is_dir():
@@ -255,12 +223,11 @@ class ProcessSandbox:
             **(env or {}),
         }
         async with run_process(
-            [*_EXEC_SHIM, *argv],
+            [*EXEC_SHIM, *argv],
             env=environment,
             cwd=str(directory),
             program=argv[0],
-            on_start=lambda started: self._owner.track(self.id, started, live=True),
-            on_end=lambda ended: self._owner.track(self.id, ended, live=False),
+            live=self._owner.live.of(self.id),
         ) as process:
             yield process
 
@@ -269,7 +236,7 @@ class ProcessSandbox:
             raise InvalidInputError("path", f"{path!r} must be an absolute path of a file, e.g. /workspace/notes.txt")
         if not 0 <= mode <= 0o7777:
             raise InvalidInputError("mode", f"{mode:o} is not a file mode; use e.g. 0o644")
-        await self._ensure_exists()
+        await ensure_present(self._places.dirs, self.id)
         target = self.host_path(path)
         try:
             with anyio.fail_after(DEFAULT_FILE_TIMEOUT_S):
@@ -282,7 +249,7 @@ class ProcessSandbox:
     async def get_file(self, path: str) -> bytes:
         if not path.startswith("/"):
             raise InvalidInputError("path", f"{path!r} must be an absolute path, e.g. /workspace/notes.txt")
-        await self._ensure_exists()
+        await ensure_present(self._places.dirs, self.id)
         source = self.host_path(path)
         try:
             with anyio.fail_after(DEFAULT_FILE_TIMEOUT_S):
@@ -293,11 +260,6 @@ class ProcessSandbox:
             raise InvalidInputError("path", f"{path} is a directory; give a file's path") from exc
         except OSError as exc:
             raise InvalidInputError("path", f"cannot read {path} ({source}): {exc.strerror or exc}") from exc
-
-
-# `sh` execs the command: a missing program becomes exit 127 and one that cannot run 126, as
-# in a shell, instead of an error from starting it.
-_EXEC_SHIM = ["/bin/sh", "-c", 'exec "$@"', "sh"]
 
 
 def _write(target: Path, data: bytes, mode: int) -> None:
