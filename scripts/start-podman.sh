@@ -34,6 +34,12 @@ cat >"$conf" <<EOF
 # Written by scripts/start-podman.sh; the service runs with exactly these hard limits.
 [containers]
 default_ulimits = ["nofile=$nofile:$nofile", "nproc=$nproc:$nproc"]
+
+[engine]
+# After an exec ends, its conmon (two processes, ~1.6 MB each) stays this long so the exit
+# code can be inspected; the default 300 s kept hundreds of them alive under a busy agent.
+# Clients inspect within milliseconds of the end.
+exit_command_delay = 30
 EOF
 
 rm -f "$sock"
