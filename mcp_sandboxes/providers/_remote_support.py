@@ -13,8 +13,8 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 
 import httpx
 
-from mcp_sandboxes.errors import ProviderError, ProviderUnavailableError
-from mcp_sandboxes.providers.base import Availability
+from mcp_sandboxes.errors import InvalidInputError, ProviderError, ProviderUnavailableError
+from mcp_sandboxes.providers.base import Availability, SandboxSpec
 
 # Control-plane calls (create, list, delete) and data-plane calls (files, signals).
 CONTROL_TIMEOUT_S = 60.0
@@ -32,6 +32,12 @@ def redact(text: str, secrets: Iterable[str | None]) -> str:
         if secret:
             text = text.replace(secret, "***")
     return text
+
+
+def refuse_mounts(spec: SandboxSpec, provider: str) -> None:
+    """The vendor runs the sandbox on its own machines: host paths cannot be mounted there."""
+    if spec.mounts:
+        raise InvalidInputError("mounts", f"{provider} sandboxes cannot mount host paths; copy files in with put_file")
 
 
 def http_timeout(read: float | None = CONTROL_TIMEOUT_S) -> httpx.Timeout:

@@ -67,6 +67,7 @@ from mcp_sandboxes.providers._remote_support import (
     env_prefix,
     http_timeout,
     redact,
+    refuse_mounts,
     status_error,
     transport_error,
 )
@@ -151,8 +152,7 @@ class DaytonaProvider:
         )
 
     async def create(self, spec: SandboxSpec) -> Sandbox:
-        if spec.mounts:
-            raise InvalidInputError("mounts", "daytona sandboxes cannot mount host paths; copy files in with put_file")
+        refuse_mounts(spec, "daytona")
         labels = owner_labels(spec)
         body: dict[str, Any] = {
             "snapshot": spec.image,

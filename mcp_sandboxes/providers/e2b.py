@@ -45,6 +45,7 @@ from mcp_sandboxes.providers._remote_support import (
     ROOT_USERS,
     api_key_availability,
     http_timeout,
+    refuse_mounts,
     signal_exit_code,
     status_error,
     transport_error,
@@ -160,8 +161,7 @@ class E2BProvider:
         )
 
     async def create(self, spec: SandboxSpec) -> Sandbox:
-        if spec.mounts:
-            raise InvalidInputError("mounts", "e2b sandboxes cannot mount host paths; copy files in with put_file")
+        refuse_mounts(spec, "e2b")
         metadata = owner_labels(spec)
         body = {
             "templateID": spec.image,
