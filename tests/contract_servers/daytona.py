@@ -25,6 +25,8 @@ import asyncio
 import json
 import os
 import secrets
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,7 +36,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
-from tests.contract_servers.sandbox_host import LocalMachine, LocalProcess
+from tests.contract_servers.sandbox_host import LocalMachine, LocalProcess, LoopbackServer
 
 STDOUT_PREFIX = b"\x01\x01\x01"
 STDERR_PREFIX = b"\x02\x02\x02"
@@ -456,6 +458,17 @@ def _demux(log: bytes) -> tuple[bytes, bytes]:
     return bytes(out), bytes(err)
 
 
+@asynccontextmanager
+async def daytona_server(api_key: str) -> AsyncIterator[tuple[LoopbackServer, DaytonaStandIn]]:
+    """The stand-in on loopback (its API under `<url>/api`); its sandboxes end with it."""
+    stand_in = DaytonaStandIn(api_key)
+    try:
+        async with LoopbackServer(stand_in.app, "daytona-stand-in") as server:
+            yield server, stand_in
+    finally:
+        await stand_in.close()
+
+
 def _error(status: int, message: str) -> JSONResponse:
     names = {400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 408: "Request Timeout", 409: "Conflict"}
     return JSONResponse(
@@ -463,4 +476,4 @@ def _error(status: int, message: str) -> JSONResponse:
     )
 
 
-__all__ = ["DaytonaStandIn"]
+__all__ = ["DaytonaStandIn", "daytona_server"]

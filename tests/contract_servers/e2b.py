@@ -31,6 +31,7 @@ import json
 import secrets
 import struct
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -41,7 +42,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from tests.contract_servers.sandbox_host import LocalMachine, LocalProcess
+from tests.contract_servers.sandbox_host import LocalMachine, LocalProcess, LoopbackServer
 
 ENVELOPE = struct.Struct(">BI")
 USERS = {"user": "/home/user", "root": "/root"}
@@ -245,6 +246,19 @@ class E2BStandIn:
             raise ConnectError("unauthenticated", "invalid access token")
         return sandbox
 
+    def _process_call(self, request: Request, content_type: str) -> StandInSandbox | Response:
+        """The sandbox a Connect call of the process service is for, or the error answer
+        (the proxy's for an unknown sandbox, Connect's for a bad token, 415 for a wrong codec)."""
+        try:
+            sandbox = self._envd_sandbox(request)
+        except LookupError:
+            return _proxy_not_found(request)
+        except ConnectError as exc:
+            return _connect_unary_error(exc)
+        if request.headers.get("content-type", "").split(";")[0] != content_type:
+            return Response(status_code=415)
+        return sandbox
+
     def _user(self, request: Request, query_user: str | None = None) -> str:
         user = query_user
         header = request.headers.get("authorization", "")
@@ -259,14 +273,9 @@ class E2BStandIn:
         return user
 
     async def start(self, request: Request) -> Response:
-        try:
-            sandbox = self._envd_sandbox(request)
-        except LookupError:
-            return _proxy_not_found(request)
-        except ConnectError as exc:
-            return _connect_unary_error(exc)
-        if request.headers.get("content-type", "").split(";")[0] != "application/connect+json":
-            return Response(status_code=415)
+        sandbox = self._process_call(request, "application/connect+json")
+        if isinstance(sandbox, Response):
+            return sandbox
         if request.headers.get("connect-protocol-version", "1") != "1":
             return _connect_unary_error(ConnectError("invalid_argument", "unsupported connect-protocol-version"))
         raw = await request.body()
@@ -298,14 +307,9 @@ class E2BStandIn:
 
     async def unary(self, request: Request) -> Response:
         method = request.path_params["method"]
-        try:
-            sandbox = self._envd_sandbox(request)
-        except LookupError:
-            return _proxy_not_found(request)
-        except ConnectError as exc:
-            return _connect_unary_error(exc)
-        if request.headers.get("content-type", "").split(";")[0] != "application/json":
-            return Response(status_code=415)
+        sandbox = self._process_call(request, "application/json")
+        if isinstance(sandbox, Response):
+            return sandbox
         try:
             self._user(request)
             body = await request.json()
@@ -365,6 +369,17 @@ class E2BStandIn:
         host.write_bytes(await upload.read())
         host.chmod(0o644)
         return JSONResponse([{"path": path, "name": host.name, "type": "file"}])
+
+
+@asynccontextmanager
+async def e2b_server(api_key: str) -> AsyncIterator[tuple[LoopbackServer, E2BStandIn]]:
+    """The stand-in on loopback (control plane and envd at one URL); its sandboxes end with it."""
+    stand_in = E2BStandIn(api_key)
+    try:
+        async with LoopbackServer(stand_in.app, "e2b-stand-in") as server:
+            yield server, stand_in
+    finally:
+        await stand_in.close()
 
 
 def _check_executable(machine: LocalMachine, cmd: str) -> None:
@@ -460,4 +475,4 @@ def _proxy_not_found(request: Request) -> JSONResponse:
     return JSONResponse({"message": "The sandbox was not found", "sandboxId": sandbox_id, "code": 502}, status_code=502)
 
 
-__all__ = ["E2BStandIn"]
+__all__ = ["E2BStandIn", "e2b_server"]

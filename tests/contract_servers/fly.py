@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import secrets
 import shlex
-import shutil
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -37,7 +36,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from tests.contract_servers.host_reaper import reap
+from tests.contract_servers.host_reaper import force_cleanup, reap
 from tests.contract_servers.sandbox_host import LocalMachine, LoopbackServer
 
 EXEC_DEFAULT_TIMEOUT_S = 60
@@ -107,34 +106,33 @@ class FlyState:
 
 
 def build_app(state: FlyState) -> Starlette:
-    def authorized(request: Request) -> Response | None:
+    def denied(request: Request) -> Response | None:
+        """The answer to a caller without the token, or to a path naming another app."""
         state.requests.append((request.method, request.url.path, dict(request.headers)))
         if request.headers.get("authorization") != f"Bearer {state.token}":
             return _error(401, "You must be authenticated to view this.")
+        if request.path_params["app"] != state.app:
+            return _error(404, "app not found")
         return None
 
     def find(request: Request) -> Machine | Response:
-        if request.path_params["app"] != state.app:
-            return _error(404, "app not found")
+        if (no := denied(request)) is not None:
+            return no
         machine = state.machines.get(request.path_params["id"])
         if machine is None or machine.state == "destroyed":
             return _error(404, "machine not found")
         return machine
 
     async def get_app(request: Request) -> Response:
-        if (denied := authorized(request)) is not None:
-            return denied
-        if request.path_params["app"] != state.app:
-            return _error(404, "app not found")
+        if (no := denied(request)) is not None:
+            return no
         return JSONResponse(
             {"id": state.app, "name": state.app, "status": "deployed", "organization": {"slug": "personal"}}
         )
 
     async def machines(request: Request) -> Response:
-        if (denied := authorized(request)) is not None:
-            return denied
-        if request.path_params["app"] != state.app:
-            return _error(404, "app not found")
+        if (no := denied(request)) is not None:
+            return no
         if request.method == "GET":
             include_deleted = request.query_params.get("include_deleted") == "true"
             filters = {
@@ -175,8 +173,6 @@ def build_app(state: FlyState) -> Starlette:
         return JSONResponse(machine.json())
 
     async def machine(request: Request) -> Response:
-        if (denied := authorized(request)) is not None:
-            return denied
         found = find(request)
         if isinstance(found, Response):
             return found
@@ -191,8 +187,6 @@ def build_app(state: FlyState) -> Starlette:
         return JSONResponse({"ok": True})
 
     async def wait(request: Request) -> Response:
-        if (denied := authorized(request)) is not None:
-            return denied
         found = find(request)
         if isinstance(found, Response):
             return found
@@ -206,8 +200,6 @@ def build_app(state: FlyState) -> Starlette:
         return _error(408, f"timed out waiting for machine to reach state {wanted}")
 
     async def stop(request: Request) -> Response:
-        if (denied := authorized(request)) is not None:
-            return denied
         found = find(request)
         if isinstance(found, Response):
             return found
@@ -218,8 +210,6 @@ def build_app(state: FlyState) -> Starlette:
         return JSONResponse({"ok": True})
 
     async def exec_(request: Request) -> Response:
-        if (denied := authorized(request)) is not None:
-            return denied
         found = find(request)
         if isinstance(found, Response):
             return found
@@ -307,11 +297,3 @@ async def fly_server(
         # The machines' processes belong to the server's (now stopped) event loop: end them directly.
         for machine in state.machines.values():
             force_cleanup(machine.local)
-
-
-def force_cleanup(local: LocalMachine) -> None:
-    for process in local.processes:
-        if process.process.returncode is None:
-            process.send_signal(9)
-    reap(local)
-    shutil.rmtree(local.root, ignore_errors=True)

@@ -9,6 +9,7 @@ machine's private folders mounted, so they are found through /proc/<pid>/mountin
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 from pathlib import Path
 
@@ -38,3 +39,13 @@ def reap(local: LocalMachine) -> int:
         except ProcessLookupError:
             pass
     return len(pids)
+
+
+def force_cleanup(local: LocalMachine) -> None:
+    """End every process of `local` and remove its folders, without an event loop: for a
+    stand-in whose server (and the loop its processes belong to) has already stopped."""
+    for process in local.processes:
+        if process.process.returncode is None:
+            process.send_signal(signal.SIGKILL)
+    reap(local)
+    shutil.rmtree(local.root, ignore_errors=True)

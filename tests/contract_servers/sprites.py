@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import re
 import secrets
-import shutil
 import signal
 import time
 from collections.abc import AsyncIterator
@@ -41,7 +40,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from tests.contract_servers.host_reaper import reap
+from tests.contract_servers.host_reaper import force_cleanup, reap
 from tests.contract_servers.sandbox_host import LocalMachine, LocalProcess, LoopbackServer
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
@@ -106,10 +105,24 @@ def build_app(state: SpritesState) -> Starlette:
         return None
 
     def find(request: Request) -> Sprite | Response:
+        """The sprite the path names, for an authorized caller; else the error response."""
+        if (no := denied(request.headers, request.method, request.url.path)) is not None:
+            return no
         sprite = state.sprites.get(request.path_params["name"])
         if sprite is None:
             return _error(404, "not_found", f"sprite {request.path_params['name']} not found")
         return sprite
+
+    def fs_target(request: Request) -> tuple[Sprite, str] | Response:
+        """The sprite and the absolute path (`path` under `workingDir`) of a filesystem call."""
+        found = find(request)
+        if isinstance(found, Response):
+            return found
+        path = request.query_params.get("path")
+        working_dir = request.query_params.get("workingDir")
+        if not path or not working_dir:
+            return JSONResponse({"error": "path and workingDir are required", "code": "invalid_request"}, 400)
+        return found, path if path.startswith("/") else f"{working_dir.rstrip('/')}/{path}"
 
     async def sprites(request: Request) -> Response:
         if (no := denied(request.headers, request.method, request.url.path)) is not None:
@@ -147,8 +160,6 @@ def build_app(state: SpritesState) -> Starlette:
         return JSONResponse(sprite.json(), status_code=201)
 
     async def sprite(request: Request) -> Response:
-        if (no := denied(request.headers, request.method, request.url.path)) is not None:
-            return no
         found = find(request)
         if isinstance(found, Response):
             return found
@@ -160,8 +171,6 @@ def build_app(state: SpritesState) -> Starlette:
         return Response(status_code=204)
 
     async def kill(request: Request) -> Response:
-        if (no := denied(request.headers, request.method, request.url.path)) is not None:
-            return no
         found = find(request)
         if isinstance(found, Response):
             return found
@@ -179,16 +188,10 @@ def build_app(state: SpritesState) -> Starlette:
         return JSONResponse({"ok": True})
 
     async def fs_read(request: Request) -> Response:
-        if (no := denied(request.headers, request.method, request.url.path)) is not None:
-            return no
-        found = find(request)
-        if isinstance(found, Response):
-            return found
-        path = request.query_params.get("path")
-        working_dir = request.query_params.get("workingDir")
-        if not path or not working_dir:
-            return JSONResponse({"error": "path and workingDir are required", "code": "invalid_request"}, 400)
-        full = path if path.startswith("/") else f"{working_dir.rstrip('/')}/{path}"
+        target = fs_target(request)
+        if isinstance(target, Response):
+            return target
+        found, full = target
         try:
             host = found.local.resolve(full)
         except ValueError as exc:
@@ -198,16 +201,10 @@ def build_app(state: SpritesState) -> Starlette:
         return Response(host.read_bytes(), media_type="application/octet-stream")
 
     async def fs_write(request: Request) -> Response:
-        if (no := denied(request.headers, request.method, request.url.path)) is not None:
-            return no
-        found = find(request)
-        if isinstance(found, Response):
-            return found
-        path = request.query_params.get("path")
-        working_dir = request.query_params.get("workingDir")
-        if not path or not working_dir:
-            return JSONResponse({"error": "path and workingDir are required", "code": "invalid_request"}, 400)
-        full = path if path.startswith("/") else f"{working_dir.rstrip('/')}/{path}"
+        target = fs_target(request)
+        if isinstance(target, Response):
+            return target
+        found, full = target
         try:
             mode = int(request.query_params.get("mode", "0644"), 8)
             host = found.local.resolve(full)
@@ -347,8 +344,4 @@ async def sprites_server(*, token: str) -> AsyncIterator[tuple[LoopbackServer, S
     finally:
         # Their processes belong to the server's (now stopped) event loop: end them directly.
         for sprite in state.sprites.values():
-            for process in sprite.local.processes:
-                if process.process.returncode is None:
-                    process.send_signal(9)
-            reap(sprite.local)
-            shutil.rmtree(sprite.local.root, ignore_errors=True)
+            force_cleanup(sprite.local)

@@ -23,7 +23,6 @@ import gzip
 import io
 import json
 import secrets
-import shutil
 import tarfile
 import time
 from collections.abc import AsyncIterator
@@ -37,7 +36,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from tests.contract_servers.host_reaper import reap
+from tests.contract_servers.host_reaper import force_cleanup, reap
 from tests.contract_servers.sandbox_host import LocalMachine, LocalProcess, LoopbackServer
 
 RUNTIMES = ("node22", "node24", "node26", "python3.13")
@@ -259,25 +258,28 @@ def build_app(state: VercelState) -> Starlette:
         del state.sandboxes[sandbox.name]
         return JSONResponse({"sandbox": sandbox.sandbox_json()})
 
-    def running(request: Request) -> Sandbox | Response:
+    def session_of(request: Request) -> Sandbox | Response:
+        """The sandbox of the session the path names, for an authorized caller; else the error."""
+        if (no := denied(request)) is not None:
+            return no
         sandbox = state.session(request.path_params["session"])
         if sandbox is None:
             return _error(404, "not_found", f"Session not found: {request.path_params['session']}")
-        if sandbox.status != "running":
+        return sandbox
+
+    def running(request: Request) -> Sandbox | Response:
+        sandbox = session_of(request)
+        if isinstance(sandbox, Sandbox) and sandbox.status != "running":
             return _error(410, "sandbox_stopped", "Sandbox is stopped")
         return sandbox
 
     async def session(request: Request) -> Response:
-        if (no := denied(request)) is not None:
-            return no
-        sandbox = state.session(request.path_params["session"])
-        if sandbox is None:
-            return _error(404, "not_found", "Session not found")
+        sandbox = session_of(request)
+        if isinstance(sandbox, Response):
+            return sandbox
         return JSONResponse({"session": sandbox.session_json(), "routes": []})
 
     async def run_command(request: Request) -> Response:
-        if (no := denied(request)) is not None:
-            return no
         sandbox = running(request)
         if isinstance(sandbox, Response):
             return sandbox
@@ -310,6 +312,8 @@ def build_app(state: VercelState) -> Starlette:
         return JSONResponse({"command": record.json()})
 
     def find_command(request: Request) -> Command | Response:
+        if (no := denied(request)) is not None:
+            return no
         sandbox = state.session(request.path_params["session"])
         command = sandbox.commands.get(request.path_params["cmd"]) if sandbox else None
         if command is None:
@@ -317,8 +321,6 @@ def build_app(state: VercelState) -> Starlette:
         return command
 
     async def get_command(request: Request) -> Response:
-        if (no := denied(request)) is not None:
-            return no
         command = find_command(request)
         if isinstance(command, Response):
             return command
@@ -327,8 +329,6 @@ def build_app(state: VercelState) -> Starlette:
         return JSONResponse({"command": command.json()})
 
     async def logs(request: Request) -> Response:
-        if (no := denied(request)) is not None:
-            return no
         command = find_command(request)
         if isinstance(command, Response):
             return command
@@ -350,8 +350,6 @@ def build_app(state: VercelState) -> Starlette:
         return StreamingResponse(lines(), media_type="application/x-ndjson")
 
     async def kill(request: Request) -> Response:
-        if (no := denied(request)) is not None:
-            return no
         command = find_command(request)
         if isinstance(command, Response):
             return command
@@ -367,8 +365,6 @@ def build_app(state: VercelState) -> Starlette:
         return JSONResponse({"command": command.json()})
 
     async def fs_write(request: Request) -> Response:
-        if (no := denied(request)) is not None:
-            return no
         sandbox = running(request)
         if isinstance(sandbox, Response):
             return sandbox
@@ -400,8 +396,6 @@ def build_app(state: VercelState) -> Starlette:
         return JSONResponse({})
 
     async def fs_read(request: Request) -> Response:
-        if (no := denied(request)) is not None:
-            return no
         sandbox = running(request)
         if isinstance(sandbox, Response):
             return sandbox
@@ -422,11 +416,9 @@ def build_app(state: VercelState) -> Starlette:
         return Response(host.read_bytes(), media_type="application/octet-stream")
 
     async def stop(request: Request) -> Response:
-        if (no := denied(request)) is not None:
-            return no
-        sandbox = state.session(request.path_params["session"])
-        if sandbox is None:
-            return _error(404, "not_found", "Session not found")
+        sandbox = session_of(request)
+        if isinstance(sandbox, Response):
+            return sandbox
         sandbox.status = "stopped"
         reap(sandbox.local)  # detached processes too
         await sandbox.local.destroy()
@@ -460,8 +452,4 @@ async def vercel_server(
     finally:
         # Their processes belong to the server's (now stopped) event loop: end them directly.
         for sandbox in state.sandboxes.values():
-            for process in sandbox.local.processes:
-                if process.process.returncode is None:
-                    process.send_signal(9)
-            reap(sandbox.local)
-            shutil.rmtree(sandbox.local.root, ignore_errors=True)
+            force_cleanup(sandbox.local)

@@ -4,12 +4,12 @@ code, the vendor's REST + toolbox + logs-WebSocket contract, real commands behin
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
 
 from mcp_sandboxes.providers.base import Provider, SandboxSpec
 from mcp_sandboxes.providers.daytona import DaytonaProvider
-from tests.contract_servers.daytona import DaytonaStandIn
-from tests.contract_servers.sandbox_host import LoopbackServer, bwrap_available
+from tests.contract_servers.daytona import daytona_server
+from tests.contract_servers.sandbox_host import bwrap_available
 from tests.providers.targets import ConformanceTarget
 
 API_KEY = "dtn_" + "0123456789abcdef" * 4
@@ -17,14 +17,11 @@ API_KEY = "dtn_" + "0123456789abcdef" * 4
 
 @asynccontextmanager
 async def open_daytona() -> AsyncIterator[Provider]:
-    stand_in = DaytonaStandIn(API_KEY)
-    async with LoopbackServer(stand_in.app, "daytona-stand-in") as server:
-        provider = DaytonaProvider({"api_key": API_KEY, "api_url": f"{server.url}/api"})
-        try:
-            yield provider
-        finally:
-            await provider.aclose()
-    await stand_in.close()
+    async with (
+        daytona_server(API_KEY) as (server, _stand_in),
+        aclosing(DaytonaProvider({"api_key": API_KEY, "api_url": f"{server.url}/api"})) as provider,
+    ):
+        yield provider
 
 
 TARGETS = [

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
 
 from mcp_sandboxes.providers.base import Provider, SandboxSpec
 from mcp_sandboxes.providers.fly import FlyProvider
@@ -21,11 +21,8 @@ async def open_fly() -> AsyncIterator[Provider]:
     async with fly_server(token=token, app=APP) as (server, _state):
         # The stand-in has no rate limit by default, so the output of streams can be polled faster than on Fly.
         settings = {"api_url": server.url, "api_token": token, "app": APP, "poll_interval_s": 0.2}
-        provider = FlyProvider.from_settings(settings)
-        try:
+        async with aclosing(FlyProvider.from_settings(settings)) as provider:
             yield provider
-        finally:
-            await provider.aclose()
 
 
 TARGETS = [

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
 
 from mcp_sandboxes.providers.base import Provider, SandboxSpec
 from mcp_sandboxes.providers.sprites import SpritesProvider
@@ -16,12 +16,11 @@ from tests.providers.targets import ConformanceTarget
 @asynccontextmanager
 async def open_sprites() -> AsyncIterator[Provider]:
     token = f"sprites-{secrets.token_hex(16)}"
-    async with sprites_server(token=token) as (server, _state):
-        provider = SpritesProvider.from_settings({"api_url": server.url, "token": token})
-        try:
-            yield provider
-        finally:
-            await provider.aclose()
+    async with (
+        sprites_server(token=token) as (server, _state),
+        aclosing(SpritesProvider.from_settings({"api_url": server.url, "token": token})) as provider,
+    ):
+        yield provider
 
 
 TARGETS = [

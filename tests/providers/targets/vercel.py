@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
 
 from mcp_sandboxes.providers.base import Provider, SandboxSpec
 from mcp_sandboxes.providers.vercel import VercelProvider
@@ -21,11 +21,8 @@ async def open_vercel() -> AsyncIterator[Provider]:
     token = f"vercel-{secrets.token_hex(16)}"
     async with vercel_server(token=token, team=TEAM, project=PROJECT) as (server, _state):
         settings = {"api_url": server.url, "token": token, "team_id": TEAM, "project_id": PROJECT}
-        provider = VercelProvider.from_settings(settings)
-        try:
+        async with aclosing(VercelProvider.from_settings(settings)) as provider:
             yield provider
-        finally:
-            await provider.aclose()
 
 
 TARGETS = [
