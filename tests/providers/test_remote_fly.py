@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 
 import anyio
 import pytest
@@ -37,14 +38,20 @@ def provider_for(url: str, token: str, **extra: object) -> FlyProvider:
     return FlyProvider.from_settings({"api_url": url, "api_token": token, "app": APP, **extra})
 
 
-async def test_every_request_carries_the_bearer_token(server: tuple[LoopbackServer, FlyState], token: str) -> None:
-    loopback, state = server
-    provider = provider_for(loopback.url, token)
+@pytest.fixture
+async def provider(server: tuple[LoopbackServer, FlyState], token: str) -> AsyncIterator[FlyProvider]:
+    async with aclosing(provider_for(server[0].url, token)) as opened:
+        yield opened
+
+
+async def test_every_request_carries_the_bearer_token(
+    server: tuple[LoopbackServer, FlyState], provider: FlyProvider, token: str
+) -> None:
+    _, state = server
     with anyio.fail_after(STEP_S):
         sandbox = await provider.create(SPEC)
         await sandbox.exec(["true"])
         await provider.destroy(sandbox.id)
-    await provider.aclose()
     assert len(state.requests) >= 4
     assert {headers.get("authorization") for _, _, headers in state.requests} == {f"Bearer {token}"}
 
@@ -54,12 +61,11 @@ async def test_a_rejected_token_gives_a_clear_error_that_never_contains_the_key(
 ) -> None:
     loopback, state = server
     wrong = f"fly-wrong-{secrets.token_hex(16)}"
-    provider = provider_for(loopback.url, wrong)
-    with anyio.fail_after(STEP_S):
-        availability = await provider.check()
-        with pytest.raises(ProviderError) as raised:
-            await provider.create(SPEC)
-    await provider.aclose()
+    async with aclosing(provider_for(loopback.url, wrong)) as provider:
+        with anyio.fail_after(STEP_S):
+            availability = await provider.check()
+            with pytest.raises(ProviderError) as raised:
+                await provider.create(SPEC)
     assert not availability.available
     assert availability.reason is not None and "401" in availability.reason
     assert wrong not in (availability.reason or "") + (availability.fix or "")
@@ -70,12 +76,11 @@ async def test_a_rejected_token_gives_a_clear_error_that_never_contains_the_key(
 
 
 async def test_an_unreachable_api_is_unavailable_without_leaking_the_key(token: str) -> None:
-    provider = provider_for("http://127.0.0.1:9", token)
-    with anyio.fail_after(STEP_S):
-        availability = await provider.check()
-        with pytest.raises(ProviderError) as raised:
-            await provider.list_owned()
-    await provider.aclose()
+    async with aclosing(provider_for("http://127.0.0.1:9", token)) as provider:
+        with anyio.fail_after(STEP_S):
+            availability = await provider.check()
+            with pytest.raises(ProviderError) as raised:
+                await provider.list_owned()
     assert not availability.available
     assert "cannot reach" in (availability.reason or "")
     assert token not in (availability.reason or "") and token not in str(raised.value)
@@ -97,29 +102,29 @@ async def test_the_token_and_app_come_from_the_environment(
     loopback, _state = server
     monkeypatch.setenv("FLY_API_TOKEN", token)
     monkeypatch.setenv("FLY_APP_NAME", APP)
-    provider = FlyProvider.from_settings({"api_url": loopback.url})
-    with anyio.fail_after(STEP_S):
-        assert (await provider.check()).available
-    await provider.aclose()
+    async with aclosing(FlyProvider.from_settings({"api_url": loopback.url})) as provider:
+        with anyio.fail_after(STEP_S):
+            assert (await provider.check()).available
 
 
-async def test_destroying_an_unknown_machine_is_harmless(server: tuple[LoopbackServer, FlyState], token: str) -> None:
-    loopback, state = server
-    provider = provider_for(loopback.url, token)
+async def test_destroying_an_unknown_machine_is_harmless(
+    server: tuple[LoopbackServer, FlyState], provider: FlyProvider
+) -> None:
+    _, state = server
     with anyio.fail_after(STEP_S):
         await provider.destroy("0123456789abcd")
-    await provider.aclose()
     assert ("DELETE", f"/v1/apps/{APP}/machines/0123456789abcd", state.requests[-1][2]) == state.requests[-1]
 
 
 async def test_a_machine_that_never_starts_is_force_deleted(token: str) -> None:
-    async with fly_server(token=token, app=APP, never_start=True) as (loopback, state):
-        provider = provider_for(loopback.url, token, create_timeout_s=2.0)
+    async with (
+        fly_server(token=token, app=APP, never_start=True) as (loopback, state),
+        aclosing(provider_for(loopback.url, token, create_timeout_s=2.0)) as provider,
+    ):
         with anyio.fail_after(STEP_S), pytest.raises(ProviderError, match=r"not ready within 2s|408"):
             await provider.create(SPEC)
         with anyio.fail_after(STEP_S):
             owned = await provider.list_owned()
-        await provider.aclose()
     assert owned == []
     assert [m.state for m in state.machines.values()] == ["destroyed"]
     deletes = [path for method, path, _ in state.requests if method == "DELETE"]
@@ -127,14 +132,12 @@ async def test_a_machine_that_never_starts_is_force_deleted(token: str) -> None:
 
 
 async def test_machines_carry_the_owner_label_in_their_metadata(
-    server: tuple[LoopbackServer, FlyState], token: str
+    server: tuple[LoopbackServer, FlyState], provider: FlyProvider
 ) -> None:
-    loopback, state = server
-    provider = provider_for(loopback.url, token)
+    _, state = server
     spec = SPEC.model_copy(update={"labels": {"team": "blue"}, "env": {"A": "1"}})
     with anyio.fail_after(STEP_S):
         sandbox = await provider.create(spec)
-    await provider.aclose()
     config = state.machines[sandbox.id].config
     assert config["metadata"][OWNER_LABEL] == "true"
     assert config["metadata"]["team"] == "blue"
@@ -143,42 +146,41 @@ async def test_machines_carry_the_owner_label_in_their_metadata(
 
 
 async def test_rate_limited_execs_are_retried_until_they_succeed(token: str) -> None:
-    async with fly_server(token=token, app=APP, rate_limit=True) as (loopback, state):
-        provider = provider_for(loopback.url, token)
+    async with (
+        fly_server(token=token, app=APP, rate_limit=True) as (loopback, state),
+        aclosing(provider_for(loopback.url, token)) as provider,
+    ):
         with anyio.fail_after(60):
             sandbox = await provider.create(SPEC)
             results = [await sandbox.exec(["echo", str(i)]) for i in range(3)]
-        await provider.aclose()
     assert [r.stdout for r in results] == [b"0\n", b"1\n", b"2\n"]
     assert state.rate_limited > 0
 
 
 async def test_network_none_and_host_mounts_are_refused_with_the_fix() -> None:
-    provider = FlyProvider.from_settings({"api_token": "x" * 20, "app": APP})
-    with pytest.raises(InvalidInputError, match="network"):
-        await provider.create(SandboxSpec(image="debian", network="none"))
-    with pytest.raises(InvalidInputError, match="put_file"):
-        await provider.create(
-            SandboxSpec(image="debian", network="host", mounts=[{"source": "/etc", "target": "/x"}])  # type: ignore[list-item]
-        )
-    await provider.aclose()
+    async with aclosing(FlyProvider.from_settings({"api_token": "x" * 20, "app": APP})) as provider:
+        with pytest.raises(InvalidInputError, match="network"):
+            await provider.create(SandboxSpec(image="debian", network="none"))
+        with pytest.raises(InvalidInputError, match="put_file"):
+            await provider.create(
+                SandboxSpec(image="debian", network="host", mounts=[{"source": "/etc", "target": "/x"}])  # type: ignore[list-item]
+            )
 
 
 async def test_attach_after_a_restart_keeps_the_workdir_and_env(
     server: tuple[LoopbackServer, FlyState], token: str
 ) -> None:
     loopback, _state = server
-    first = provider_for(loopback.url, token)
     spec = SPEC.model_copy(update={"workdir": "/workspace/project", "env": {"GREETING": "hi"}})
-    with anyio.fail_after(STEP_S):
-        created = await first.create(spec)
-    await first.aclose()
-    second = provider_for(loopback.url, token)  # a new process would build a new provider
-    with anyio.fail_after(STEP_S):
-        attached = await second.attach(created.id)
-        assert attached is not None
-        result = await attached.exec(["sh", "-c", 'pwd; echo "$GREETING"'])
-    await second.aclose()
+    async with aclosing(provider_for(loopback.url, token)) as first:
+        with anyio.fail_after(STEP_S):
+            created = await first.create(spec)
+    # A new process would build a new provider.
+    async with aclosing(provider_for(loopback.url, token)) as second:
+        with anyio.fail_after(STEP_S):
+            attached = await second.attach(created.id)
+            assert attached is not None
+            result = await attached.exec(["sh", "-c", 'pwd; echo "$GREETING"'])
     assert result.stdout == b"/workspace/project\nhi\n"
 
 
@@ -186,17 +188,16 @@ async def test_destroy_ends_a_streamed_command_that_runs_detached(
     server: tuple[LoopbackServer, FlyState], token: str
 ) -> None:
     loopback, state = server
-    provider = provider_for(loopback.url, token, poll_interval_s=0.1)
-    with anyio.fail_after(STEP_S):
-        sandbox = await provider.create(SPEC)
-        local = state.machines[sandbox.id].local
-        async with sandbox.stream(["sh", "-c", "echo up; exec sleep 600"]) as process:
-            async for chunk in process:
-                if b"up" in chunk.data:
-                    break
-            running = processes_of(local)
-            await provider.destroy(sandbox.id)
-        left = processes_of(local)
-    await provider.aclose()
+    async with aclosing(provider_for(loopback.url, token, poll_interval_s=0.1)) as provider:
+        with anyio.fail_after(STEP_S):
+            sandbox = await provider.create(SPEC)
+            local = state.machines[sandbox.id].local
+            async with sandbox.stream(["sh", "-c", "echo up; exec sleep 600"]) as process:
+                async for chunk in process:
+                    if b"up" in chunk.data:
+                        break
+                running = processes_of(local)
+                await provider.destroy(sandbox.id)
+            left = processes_of(local)
     assert running, "the detached command should have been running"
     assert left == []

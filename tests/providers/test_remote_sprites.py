@@ -5,6 +5,7 @@ from __future__ import annotations
 import secrets
 import signal
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 
 import anyio
 import pytest
@@ -36,17 +37,21 @@ def provider_for(url: str, token: str) -> SpritesProvider:
     return SpritesProvider.from_settings({"api_url": url, "token": token})
 
 
+@pytest.fixture
+async def provider(server: tuple[LoopbackServer, SpritesState], token: str) -> AsyncIterator[SpritesProvider]:
+    async with aclosing(provider_for(server[0].url, token)) as opened:
+        yield opened
+
+
 async def test_every_request_and_websocket_carries_the_bearer_token(
-    server: tuple[LoopbackServer, SpritesState], token: str
+    server: tuple[LoopbackServer, SpritesState], provider: SpritesProvider, token: str
 ) -> None:
-    loopback, state = server
-    provider = provider_for(loopback.url, token)
+    _, state = server
     with anyio.fail_after(STEP_S):
         sandbox = await provider.create(SPEC)
         await sandbox.exec(["true"])
         await sandbox.put_file("/workspace/x", b"x")
         await provider.destroy(sandbox.id)
-    await provider.aclose()
     methods = {method for method, _, _ in state.requests}
     assert {"POST", "WS", "PUT", "DELETE"} <= methods
     assert {headers.get("authorization") for _, _, headers in state.requests} == {f"Bearer {token}"}
@@ -95,51 +100,45 @@ async def test_check_names_what_is_missing_and_how_to_fix_it(monkeypatch: pytest
 
 
 async def test_destroying_an_unknown_sprite_is_harmless(
-    server: tuple[LoopbackServer, SpritesState], token: str
+    server: tuple[LoopbackServer, SpritesState], provider: SpritesProvider
 ) -> None:
-    loopback, state = server
-    provider = provider_for(loopback.url, token)
+    _, state = server
     with anyio.fail_after(STEP_S):
         await provider.destroy("mcp-000000000000")
-    await provider.aclose()
     assert state.requests[-1][:2] == ("DELETE", "/v1/sprites/mcp-000000000000")
 
 
-async def test_a_sprite_whose_setup_fails_is_deleted(server: tuple[LoopbackServer, SpritesState], token: str) -> None:
-    loopback, state = server
-    provider = provider_for(loopback.url, token)
+async def test_a_sprite_whose_setup_fails_is_deleted(
+    server: tuple[LoopbackServer, SpritesState], provider: SpritesProvider
+) -> None:
+    _, state = server
     with anyio.fail_after(STEP_S), pytest.raises(ProviderError, match="could not create workdir"):
         await provider.create(SPEC.model_copy(update={"workdir": "/usr/not-allowed"}))
-    await provider.aclose()
     assert state.sprites == {}
 
 
 async def test_sprites_are_labelled_and_listed_by_label(
-    server: tuple[LoopbackServer, SpritesState], token: str
+    server: tuple[LoopbackServer, SpritesState], provider: SpritesProvider
 ) -> None:
-    loopback, state = server
-    provider = provider_for(loopback.url, token)
+    _, state = server
     with anyio.fail_after(STEP_S):
         sandbox = await provider.create(SPEC)
         # A sprite with our name prefix but without our label is not ours.
         await provider.api.request("POST", "/v1/sprites", json={"name": "mcp-someone-elses"}, ok=(201,))
         owned = await provider.list_owned()
-    await provider.aclose()
     assert state.sprites[sandbox.id].labels == [OWNER_TAG]
     assert owned == [sandbox.id]
 
 
 async def test_signals_travel_over_the_websocket_when_the_server_offers_it(
-    server: tuple[LoopbackServer, SpritesState], token: str
+    server: tuple[LoopbackServer, SpritesState], provider: SpritesProvider
 ) -> None:
-    loopback, state = server
-    provider = provider_for(loopback.url, token)
+    _, state = server
     with anyio.fail_after(STEP_S):
         sandbox = await provider.create(SPEC)
         async with sandbox.stream(["sleep", "600"]) as process:
             await process.signal(signal.SIGINT)
             code = await process.wait()
-    await provider.aclose()
     assert code == 128 + signal.SIGINT
     assert state.signals_over_ws == ["INT"]
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 
 import anyio
 import pytest
@@ -37,17 +38,21 @@ def provider_for(url: str, token: str, team: str = TEAM) -> VercelProvider:
     return VercelProvider.from_settings({"api_url": url, "token": token, "team_id": team, "project_id": PROJECT})
 
 
+@pytest.fixture
+async def provider(server: tuple[LoopbackServer, VercelState], token: str) -> AsyncIterator[VercelProvider]:
+    async with aclosing(provider_for(server[0].url, token)) as opened:
+        yield opened
+
+
 async def test_every_request_carries_the_bearer_token_and_the_team(
-    server: tuple[LoopbackServer, VercelState], token: str
+    server: tuple[LoopbackServer, VercelState], provider: VercelProvider, token: str
 ) -> None:
-    loopback, state = server
-    provider = provider_for(loopback.url, token)
+    _, state = server
     with anyio.fail_after(STEP_S):
         sandbox = await provider.create(SPEC)
         await sandbox.exec(["true"])
         await sandbox.put_file("/workspace/x", b"x")
         await provider.destroy(sandbox.id)
-    await provider.aclose()
     assert len(state.requests) >= 6
     assert {headers.get("authorization") for _, _, headers, _ in state.requests} == {f"Bearer {token}"}
     assert {query.get("teamId") for _, _, _, query in state.requests} == {TEAM}
@@ -94,40 +99,36 @@ async def test_check_names_what_is_missing_and_how_to_fix_it(monkeypatch: pytest
 
 
 async def test_destroying_an_unknown_sandbox_is_harmless(
-    server: tuple[LoopbackServer, VercelState], token: str
+    server: tuple[LoopbackServer, VercelState], provider: VercelProvider
 ) -> None:
-    loopback, state = server
-    provider = provider_for(loopback.url, token)
+    _, state = server
     with anyio.fail_after(STEP_S):
         await provider.destroy("mcp-000000000000")
-    await provider.aclose()
     method, path, _headers, query = state.requests[-1]
     assert (method, path, query.get("projectId")) == ("DELETE", "/v2/sandboxes/mcp-000000000000", PROJECT)
 
 
-async def test_a_sandbox_whose_setup_fails_is_deleted(server: tuple[LoopbackServer, VercelState], token: str) -> None:
-    loopback, state = server
-    provider = provider_for(loopback.url, token)
+async def test_a_sandbox_whose_setup_fails_is_deleted(
+    server: tuple[LoopbackServer, VercelState], provider: VercelProvider
+) -> None:
+    _, state = server
     # /usr is read-only in the sandbox, so creating the workdir fails after the sandbox exists.
     with anyio.fail_after(STEP_S), pytest.raises(ProviderError, match="could not create workdir"):
         await provider.create(SPEC.model_copy(update={"workdir": "/usr/not-allowed"}))
     with anyio.fail_after(STEP_S):
         owned = await provider.list_owned()
-    await provider.aclose()
     assert owned == []
     assert state.sandboxes == {}
     assert [path for method, path, _, _ in state.requests if method == "DELETE"] != []
 
 
 async def test_sandboxes_are_tagged_and_network_none_denies_all(
-    server: tuple[LoopbackServer, VercelState], token: str
+    server: tuple[LoopbackServer, VercelState], provider: VercelProvider
 ) -> None:
-    loopback, state = server
-    provider = provider_for(loopback.url, token)
+    _, state = server
     with anyio.fail_after(STEP_S):
         sandbox = await provider.create(SPEC.model_copy(update={"labels": {"team": "blue"}}))
         interfaces = await sandbox.exec(["sh", "-c", "tail -n +3 /proc/net/dev | cut -d: -f1"])
-    await provider.aclose()
     record = state.sandboxes[sandbox.id]
     assert record.tags[OWNER_LABEL] == "true" and record.tags["team"] == "blue"
     assert record.network_policy == {"mode": "deny-all"}
@@ -135,13 +136,11 @@ async def test_sandboxes_are_tagged_and_network_none_denies_all(
 
 
 async def test_a_runtime_vercel_does_not_have_is_refused_and_nothing_is_left(
-    server: tuple[LoopbackServer, VercelState], token: str
+    server: tuple[LoopbackServer, VercelState], provider: VercelProvider
 ) -> None:
-    loopback, state = server
-    provider = provider_for(loopback.url, token)
+    _, state = server
     with anyio.fail_after(STEP_S), pytest.raises(ProviderError, match="runtime"):
         await provider.create(SandboxSpec(image="mcp-sandboxes/base:latest"))
-    await provider.aclose()
     assert state.sandboxes == {}
 
 
