@@ -62,12 +62,11 @@ async def test_a_rejected_token_gives_a_clear_error_that_never_contains_the_key(
 ) -> None:
     loopback, state = server
     wrong = f"sprites-wrong-{secrets.token_hex(16)}"
-    provider = provider_for(loopback.url, wrong)
-    with anyio.fail_after(STEP_S):
-        availability = await provider.check()
-        with pytest.raises(ProviderError) as raised:
-            await provider.create(SPEC)
-    await provider.aclose()
+    async with aclosing(provider_for(loopback.url, wrong)) as provider:
+        with anyio.fail_after(STEP_S):
+            availability = await provider.check()
+            with pytest.raises(ProviderError) as raised:
+                await provider.create(SPEC)
     assert not availability.available and "401" in (availability.reason or "")
     assert wrong not in (availability.reason or "") + (availability.fix or "")
     assert "SPRITE_TOKEN" in str(raised.value) and wrong not in str(raised.value)
@@ -75,19 +74,16 @@ async def test_a_rejected_token_gives_a_clear_error_that_never_contains_the_key(
 
 
 async def test_a_websocket_refused_for_its_token_does_not_leak_it(
-    server: tuple[LoopbackServer, SpritesState], token: str
+    server: tuple[LoopbackServer, SpritesState], provider: SpritesProvider
 ) -> None:
     loopback, _state = server
-    provider = provider_for(loopback.url, token)
     with anyio.fail_after(STEP_S):
         sandbox = await provider.create(SPEC)
     wrong = f"sprites-wrong-{secrets.token_hex(16)}"
-    impostor = provider_for(loopback.url, wrong)
     # The exec WebSocket itself is refused (HTTP 401 before the upgrade).
-    with anyio.fail_after(STEP_S), pytest.raises(ProviderError) as raised:
-        await SpritesSandbox(impostor, sandbox.id, SPEC).exec(["true"])
-    await impostor.aclose()
-    await provider.aclose()
+    async with aclosing(provider_for(loopback.url, wrong)) as impostor:
+        with anyio.fail_after(STEP_S), pytest.raises(ProviderError) as raised:
+            await SpritesSandbox(impostor, sandbox.id, SPEC).exec(["true"])
     assert "401" in str(raised.value) and wrong not in str(raised.value)
 
 
@@ -144,9 +140,8 @@ async def test_signals_travel_over_the_websocket_when_the_server_offers_it(
 
 
 async def test_images_other_than_the_sprite_image_are_refused_with_the_fix() -> None:
-    provider = SpritesProvider.from_settings({"token": "x" * 20})
-    with pytest.raises(InvalidInputError, match="image = 'default'"):
-        await provider.create(SandboxSpec(image="mcp-sandboxes/base:latest", network="host"))
-    with pytest.raises(InvalidInputError, match="network"):
-        await provider.create(SandboxSpec(image="default"))
-    await provider.aclose()
+    async with aclosing(SpritesProvider.from_settings({"token": "x" * 20})) as provider:
+        with pytest.raises(InvalidInputError, match="image = 'default'"):
+            await provider.create(SandboxSpec(image="mcp-sandboxes/base:latest", network="host"))
+        with pytest.raises(InvalidInputError, match="network"):
+            await provider.create(SandboxSpec(image="default"))

@@ -63,12 +63,11 @@ async def test_a_rejected_token_gives_a_clear_error_that_never_contains_the_key(
 ) -> None:
     loopback, state = server
     wrong = f"vercel-wrong-{secrets.token_hex(16)}"
-    provider = provider_for(loopback.url, wrong)
-    with anyio.fail_after(STEP_S):
-        availability = await provider.check()
-        with pytest.raises(ProviderError) as raised:
-            await provider.create(SPEC)
-    await provider.aclose()
+    async with aclosing(provider_for(loopback.url, wrong)) as provider:
+        with anyio.fail_after(STEP_S):
+            availability = await provider.check()
+            with pytest.raises(ProviderError) as raised:
+                await provider.create(SPEC)
     assert not availability.available and "403" in (availability.reason or "")
     assert wrong not in (availability.reason or "") + (availability.fix or "")
     message = str(raised.value)
@@ -79,10 +78,9 @@ async def test_a_rejected_token_gives_a_clear_error_that_never_contains_the_key(
 
 async def test_a_token_of_another_team_is_refused(server: tuple[LoopbackServer, VercelState], token: str) -> None:
     loopback, _state = server
-    provider = provider_for(loopback.url, token, team="team_someone_else")
-    with anyio.fail_after(STEP_S):
-        availability = await provider.check()
-    await provider.aclose()
+    async with aclosing(provider_for(loopback.url, token, team="team_someone_else")) as provider:
+        with anyio.fail_after(STEP_S):
+            availability = await provider.check()
     assert not availability.available
     assert "Not authorized" in (availability.reason or "")
     assert "VERCEL_TEAM_ID" in (availability.fix or "")
@@ -145,22 +143,20 @@ async def test_a_runtime_vercel_does_not_have_is_refused_and_nothing_is_left(
 
 
 async def test_host_mounts_are_refused_with_the_fix() -> None:
-    provider = VercelProvider.from_settings({"token": "x" * 20, "project_id": PROJECT})
-    with pytest.raises(InvalidInputError, match="put_file"):
-        await provider.create(SandboxSpec(image="node24", mounts=[{"source": "/etc", "target": "/x"}]))  # type: ignore[list-item]
-    await provider.aclose()
+    async with aclosing(VercelProvider.from_settings({"token": "x" * 20, "project_id": PROJECT})) as provider:
+        with pytest.raises(InvalidInputError, match="put_file"):
+            await provider.create(SandboxSpec(image="node24", mounts=[{"source": "/etc", "target": "/x"}]))  # type: ignore[list-item]
 
 
 async def test_attach_after_a_restart_keeps_the_workdir(server: tuple[LoopbackServer, VercelState], token: str) -> None:
     loopback, _state = server
-    first = provider_for(loopback.url, token)
-    with anyio.fail_after(STEP_S):
-        created = await first.create(SPEC.model_copy(update={"workdir": "/workspace/project"}))
-    await first.aclose()
-    second = provider_for(loopback.url, token)  # a new process would build a new provider
-    with anyio.fail_after(STEP_S):
-        attached = await second.attach(created.id)
-        assert attached is not None
-        result = await attached.exec(["pwd"])
-    await second.aclose()
+    async with aclosing(provider_for(loopback.url, token)) as first:
+        with anyio.fail_after(STEP_S):
+            created = await first.create(SPEC.model_copy(update={"workdir": "/workspace/project"}))
+    # A new process would build a new provider.
+    async with aclosing(provider_for(loopback.url, token)) as second:
+        with anyio.fail_after(STEP_S):
+            attached = await second.attach(created.id)
+            assert attached is not None
+            result = await attached.exec(["pwd"])
     assert result.stdout == b"/workspace/project\n"
