@@ -121,6 +121,16 @@ class DaytonaStandIn:
             return _error(404, f"Sandbox with ID {request.path_params['sandbox_id']} not found")
         return sandbox
 
+    def _file_call(self, request: Request) -> tuple[StandInSandbox, str] | Response:
+        """The sandbox and the `path` parameter of a toolbox files call."""
+        sandbox = self._toolbox(request)
+        if isinstance(sandbox, Response):
+            return sandbox
+        path = request.query_params.get("path", "")
+        if not path:
+            return _error(400, "path is required")
+        return sandbox, path
+
     def _public(self, sandbox: StandInSandbox, base_url: str) -> dict[str, Any]:
         body = sandbox.body
         return {
@@ -253,12 +263,10 @@ class DaytonaStandIn:
         return JSONResponse({"exitCode": process.returncode, "result": output.decode(errors="replace")})
 
     async def upload(self, request: Request) -> Response:
-        sandbox = self._toolbox(request)
-        if isinstance(sandbox, Response):
-            return sandbox
-        path = request.query_params.get("path", "")
-        if not path:
-            return _error(400, "path is required")
+        call = self._file_call(request)
+        if isinstance(call, Response):
+            return call
+        sandbox, path = call
         form = await request.form()
         upload = form.get("file")
         if upload is None or isinstance(upload, str):
@@ -271,12 +279,10 @@ class DaytonaStandIn:
         return Response(status_code=200)
 
     async def download(self, request: Request) -> Response:
-        sandbox = self._toolbox(request)
-        if isinstance(sandbox, Response):
-            return sandbox
-        path = request.query_params.get("path", "")
-        if not path:
-            return _error(400, "path is required")
+        call = self._file_call(request)
+        if isinstance(call, Response):
+            return call
+        sandbox, path = call
         host = sandbox.machine.resolve(path)
         if not host.exists():
             return _error(404, f"stat {path}: no such file or directory")
@@ -365,20 +371,20 @@ class DaytonaStandIn:
         entry = commands.get(cid)
         return entry if entry is not None else _error(404, "command not found")
 
-    async def get_command(self, request: Request) -> Response:
+    def _toolbox_command(self, request: Request) -> SessionCommand | Response:
         sandbox = self._toolbox(request)
         if isinstance(sandbox, Response):
             return sandbox
-        entry = self._command(sandbox, request.path_params["sid"], request.path_params["cid"])
+        return self._command(sandbox, request.path_params["sid"], request.path_params["cid"])
+
+    async def get_command(self, request: Request) -> Response:
+        entry = self._toolbox_command(request)
         if isinstance(entry, Response):
             return entry
         return JSONResponse({"id": entry.command_id, "command": entry.command, "exitCode": entry.exit_code})
 
     async def logs(self, request: Request) -> Response:
-        sandbox = self._toolbox(request)
-        if isinstance(sandbox, Response):
-            return sandbox
-        entry = self._command(sandbox, request.path_params["sid"], request.path_params["cid"])
+        entry = self._toolbox_command(request)
         if isinstance(entry, Response):
             return entry
         stdout, stderr = _demux(bytes(entry.log))
