@@ -111,6 +111,10 @@ _FIX_USERNS = (
 )
 
 
+BWRAP_PID_RACE = b"bwrap: Can't send pid"
+BWRAP_SETUP_RETRIES = 2
+
+
 class BubblewrapSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -435,7 +439,16 @@ class BubblewrapSandbox:
         user: str | None = None,
         timeout: float | None = DEFAULT_EXEC_TIMEOUT_S,  # noqa: ASYNC109 - the Sandbox protocol's parameter
     ) -> ExecResult:
-        return await exec_collected(self.stream(argv, env=env, cwd=cwd, user=user), argv, stdin=stdin, timeout=timeout)
+        for attempt in range(BWRAP_SETUP_RETRIES + 1):
+            result = await exec_collected(
+                self.stream(argv, env=env, cwd=cwd, user=user), argv, stdin=stdin, timeout=timeout
+            )
+            # bwrap now and then fails to hand the joined pid namespace its child's pid under load
+            # ("Can't send pid"); that is before the command starts, so running it again is safe.
+            if not (result.exit_code == 1 and not result.stdout and result.stderr.startswith(BWRAP_PID_RACE)):
+                break
+            logger.debug("bwrap pid hand-over failed (attempt %d); retrying", attempt + 1)
+        return result
 
     def _check_user(self, user: str | None) -> None:
         if user is None or user in ("0", "root", "0:0"):
