@@ -13,17 +13,15 @@ import subprocess
 import sys
 import tomllib
 from collections.abc import Callable, Iterator
-from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import anyio
 import anyio.abc
 import httpx
 import pytest
 
-from mcp_sandboxes.backends.base import AgentSpec, Turn, TurnResult
+from mcp_sandboxes.backends.base import AgentSpec, Turn
 from mcp_sandboxes.backends.codex import (
     CLI_MOUNT,
     CLI_TARGET,
@@ -44,7 +42,8 @@ from mcp_sandboxes.events import (
     Event,
     SessionError,
 )
-from mcp_sandboxes.providers.base import ExecResult, ExecStream, LineSplitter
+from tests.backends import cli_harness
+from tests.backends.cli_harness import HostSandbox, Outcome, home_and_work, make_turn, of_type
 from tests.conftest import AGENT_CLIS, ROOT
 from tests.support.model_server import ApiError, Reply, Script, ScriptedModelServer, ToolCall, openai_responses
 
@@ -68,60 +67,7 @@ def codex_bin() -> Path:
     return CODEX_WRAPPER
 
 
-# -- a sandbox that is this host, for prepare() ------------------------------------------
-
-
-class HostSandbox:
-    """Runs prepare()'s commands on this host for real (as root here), files in real paths."""
-
-    id = "host"
-    provider = "host"
-
-    async def exec(
-        self,
-        argv: list[str],
-        *,
-        stdin: bytes | None = None,
-        env: dict[str, str] | None = None,
-        cwd: str | None = None,
-        user: str | None = None,
-        timeout: float | None = 30.0,  # noqa: ASYNC109 - the Sandbox protocol's signature
-    ) -> ExecResult:
-        assert user in (None, "0"), "prepare only runs commands as root or the default user"
-        with anyio.fail_after(timeout):
-            done = await anyio.run_process(argv, input=stdin, cwd=cwd, check=False)
-        return ExecResult(exit_code=done.returncode, stdout=done.stdout, stderr=done.stderr)
-
-    def stream(
-        self,
-        argv: list[str],
-        *,
-        env: dict[str, str] | None = None,
-        cwd: str | None = None,
-        user: str | None = None,
-    ) -> AbstractAsyncContextManager[ExecStream]:
-        raise NotImplementedError("these tests run the CLI themselves")
-
-    async def put_file(self, path: str, data: bytes, mode: int = 0o644, user: str | None = None) -> None:
-        target = anyio.Path(path)
-        await target.write_bytes(data)
-        await target.chmod(mode)
-        if user is not None:
-            entry = pwd.getpwnam(user)
-            os.chown(path, entry.pw_uid, entry.pw_gid)
-
-    async def get_file(self, path: str) -> bytes:
-        return await anyio.Path(path).read_bytes()
-
-
 # -- running a turn ------------------------------------------------------------------------
-
-
-@dataclass
-class Outcome:
-    events: list[Event]
-    result: TurnResult
-    exit_code: int
 
 
 async def run_turn(
@@ -130,35 +76,7 @@ async def run_turn(
     executable: Path,
     on_event: Callable[[Event, anyio.abc.Process], None] | None = None,
 ) -> Outcome:
-    command = backend.command(turn)
-    argv = [str(executable), *command.argv[1:]]
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **command.env}
-    translator = backend.translator()
-    events: list[Event] = []
-    splitter = LineSplitter()
-    with anyio.fail_after(TURN_TIMEOUT_S):
-        async with await anyio.open_process(argv, cwd=command.cwd, env=env) as process:
-            assert process.stdin and process.stdout and process.stderr
-            await process.stdin.send(command.stdin or b"")
-            await process.stdin.aclose()
-            async for chunk in process.stdout:
-                for line in splitter.feed(chunk):
-                    new = translator.feed(line)
-                    events.extend(new)
-                    for event in new:
-                        if on_event is not None:
-                            on_event(event, process)
-            stderr = b"".join([chunk async for chunk in process.stderr])
-            exit_code = await process.wait()
-    events.extend(translator.finish(exit_code, stderr.decode("utf-8", "replace")))
-    return Outcome(events=events, result=translator.result, exit_code=exit_code)
-
-
-T = TypeVar("T")
-
-
-def of_type(events: list[Event], kind: type[T]) -> list[T]:
-    return [event for event in events if isinstance(event, kind)]
+    return await cli_harness.run_turn(backend, turn, executable, timeout_s=TURN_TIMEOUT_S, on_event=on_event)
 
 
 @pytest.fixture
@@ -169,9 +87,7 @@ def server() -> Iterator[ScriptedModelServer]:
 
 @pytest.fixture
 def dirs(tmp_path: Path) -> tuple[Path, Path]:
-    home, work = tmp_path / "home", tmp_path / "work"
-    work.mkdir()
-    return home, work
+    return home_and_work(tmp_path)
 
 
 def make_backend(server: ScriptedModelServer) -> CodexBackend:
@@ -180,19 +96,6 @@ def make_backend(server: ScriptedModelServer) -> CodexBackend:
     backend = build_backend("codex", settings, environ)
     assert isinstance(backend, CodexBackend)
     return backend
-
-
-def make_turn(agent: AgentSpec, prompt: str, dirs: tuple[Path, Path], resume_id: str | None = None) -> Turn:
-    home, work = dirs
-    return Turn(
-        session_id="ses_test",
-        index=1 if resume_id else 0,
-        prompt=prompt,
-        resume_id=resume_id,
-        agent=agent,
-        workdir=str(work),
-        home=str(home),
-    )
 
 
 AGENT = AgentSpec(backend="codex", model=MODEL, system_prompt="DEVELOPER-INSTRUCTIONS-MARKER: you are under test.")

@@ -12,16 +12,14 @@ import stat
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
-from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import anyio
 import anyio.abc
 import pytest
 
-from mcp_sandboxes.backends.base import AgentSpec, Backend, Turn, TurnResult
+from mcp_sandboxes.backends.base import AgentSpec, Backend, Command, Turn
 from mcp_sandboxes.backends.factory import CLI_TARGET, FactoryBackend, FactoryTranslator
 from mcp_sandboxes.backends.registry import backend_names, build_backend
 from mcp_sandboxes.config import BackendSettings
@@ -36,7 +34,9 @@ from mcp_sandboxes.events import (
     Event,
     SessionError,
 )
-from mcp_sandboxes.providers.base import ExecResult, ExecStream, LineSplitter
+from tests.backends import cli_harness
+from tests.backends.cli_harness import HostSandbox as HostSandbox  # test_custom_backend imports it from here
+from tests.backends.cli_harness import Outcome, home_and_work, make_turn, of_type
 from tests.conftest import AGENT_CLIS, ROOT
 from tests.support.model_server import Reply, Script, ScriptedModelServer, ToolCall, anthropic
 
@@ -47,84 +47,17 @@ TURN_TIMEOUT_S = 90.0
 MODEL = "custom:claude-scripted"
 
 
-class HostSandbox:
-    """Runs prepare()'s commands on this host for real (as root here), files in real paths."""
-
-    id = "host"
-    provider = "host"
-
-    async def exec(
-        self,
-        argv: list[str],
-        *,
-        stdin: bytes | None = None,
-        env: dict[str, str] | None = None,
-        cwd: str | None = None,
-        user: str | None = None,
-        timeout: float | None = 30.0,  # noqa: ASYNC109 - the Sandbox protocol's signature
-    ) -> ExecResult:
-        assert user in (None, "0"), "prepare only runs commands as root or the default user"
-        with anyio.fail_after(timeout):
-            done = await anyio.run_process(argv, input=stdin, cwd=cwd, check=False)
-        return ExecResult(exit_code=done.returncode, stdout=done.stdout, stderr=done.stderr)
-
-    def stream(
-        self, argv: list[str], *, env: dict[str, str] | None = None, cwd: str | None = None, user: str | None = None
-    ) -> AbstractAsyncContextManager[ExecStream]:
-        raise NotImplementedError("these tests run the CLI themselves")
-
-    async def put_file(self, path: str, data: bytes, mode: int = 0o644, user: str | None = None) -> None:
-        target = anyio.Path(path)
-        await target.write_bytes(data)
-        await target.chmod(mode)
-        if user is not None:
-            entry = pwd.getpwnam(user)
-            os.chown(path, entry.pw_uid, entry.pw_gid)
-
-    async def get_file(self, path: str) -> bytes:
-        return await anyio.Path(path).read_bytes()
-
-
-@dataclass
-class Outcome:
-    events: list[Event]
-    result: TurnResult
-    exit_code: int
-
-
 async def run_turn(
     backend: Backend, turn: Turn, on_event: Callable[[Event, anyio.abc.Process], None] | None = None
 ) -> Outcome:
-    command = backend.command(turn)
-    argv = [str(DROID), *command.argv[1:]]
+    return await cli_harness.run_turn(
+        backend, turn, DROID, timeout_s=TURN_TIMEOUT_S, on_event=on_event, extra_env=_tmpdir_in_home
+    )
+
+
+def _tmpdir_in_home(command: Command) -> dict[str, str]:
     # droid leaves a droid-terminal-* directory in TMPDIR per run: keep it in the turn's HOME.
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "TMPDIR": command.env["HOME"], **command.env}
-    translator = backend.translator()
-    events: list[Event] = []
-    splitter = LineSplitter()
-    with anyio.fail_after(TURN_TIMEOUT_S):
-        async with await anyio.open_process(argv, cwd=command.cwd, env=env) as process:
-            assert process.stdin and process.stdout and process.stderr
-            await process.stdin.send(command.stdin or b"")
-            await process.stdin.aclose()
-            async for chunk in process.stdout:
-                for line in splitter.feed(chunk):
-                    new = translator.feed(line)
-                    events.extend(new)
-                    for event in new:
-                        if on_event is not None:
-                            on_event(event, process)
-            stderr = b"".join([chunk async for chunk in process.stderr])
-            exit_code = await process.wait()
-    events.extend(translator.finish(exit_code, stderr.decode("utf-8", "replace")))
-    return Outcome(events=events, result=translator.result, exit_code=exit_code)
-
-
-T = TypeVar("T")
-
-
-def of_type(events: list[Event], kind: type[T]) -> list[T]:
-    return [event for event in events if isinstance(event, kind)]
+    return {"TMPDIR": command.env["HOME"]}
 
 
 def byok(url: str) -> dict[str, Any]:
@@ -150,9 +83,7 @@ def server() -> Iterator[ScriptedModelServer]:
 
 @pytest.fixture
 def dirs(tmp_path: Path) -> tuple[Path, Path]:
-    home, work = tmp_path / "home", tmp_path / "work"
-    work.mkdir()
-    return home, work
+    return home_and_work(tmp_path)
 
 
 def make_backend(server: ScriptedModelServer) -> Backend:
@@ -161,19 +92,6 @@ def make_backend(server: ScriptedModelServer) -> Backend:
         {"pass_env": ["FACTORY_API_KEY"], "droid_settings": json.dumps(byok(server.url))}
     )
     return build_backend("factory", settings, {"UNRELATED": "x"})
-
-
-def make_turn(agent: AgentSpec, prompt: str, dirs: tuple[Path, Path], resume_id: str | None = None) -> Turn:
-    home, work = dirs
-    return Turn(
-        session_id="ses_test",
-        index=1 if resume_id else 0,
-        prompt=prompt,
-        resume_id=resume_id,
-        agent=agent,
-        workdir=str(work),
-        home=str(home),
-    )
 
 
 BYPASS = AgentSpec(

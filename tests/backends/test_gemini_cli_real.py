@@ -11,16 +11,14 @@ import stat
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
-from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import anyio
 import anyio.abc
 import pytest
 
-from mcp_sandboxes.backends.base import AgentSpec, Backend, Turn, TurnResult
+from mcp_sandboxes.backends.base import AgentSpec, Backend, Turn
 from mcp_sandboxes.backends.gemini import (
     CLI_MOUNT_DIR,
     GeminiBackend,
@@ -39,7 +37,8 @@ from mcp_sandboxes.events import (
     Event,
     SessionError,
 )
-from mcp_sandboxes.providers.base import ExecResult, ExecStream, LineSplitter
+from tests.backends import cli_harness
+from tests.backends.cli_harness import HostSandbox, Outcome, home_and_work, make_turn, of_type, user_ids
 from tests.conftest import AGENT_CLIS, ROOT
 from tests.support.model_server import ApiError, Reply, Script, ScriptedModelServer, ToolCall, gemini
 
@@ -56,67 +55,7 @@ def gemini_bin() -> Path:
     return GEMINI_BIN
 
 
-# -- a sandbox that is this host, for prepare() ------------------------------------------
-
-
-class HostSandbox:
-    """Runs prepare()'s commands on this host for real (as root here), files in real paths."""
-
-    id = "host"
-    provider = "host"
-
-    async def exec(
-        self,
-        argv: list[str],
-        *,
-        stdin: bytes | None = None,
-        env: dict[str, str] | None = None,
-        cwd: str | None = None,
-        user: str | None = None,
-        timeout: float | None = 30.0,  # noqa: ASYNC109 - the Sandbox protocol's signature
-    ) -> ExecResult:
-        assert user in (None, "0"), "prepare only runs commands as root or the default user"
-        with anyio.fail_after(timeout):
-            done = await anyio.run_process(argv, input=stdin, cwd=cwd, check=False)
-        return ExecResult(exit_code=done.returncode, stdout=done.stdout, stderr=done.stderr)
-
-    def stream(
-        self,
-        argv: list[str],
-        *,
-        env: dict[str, str] | None = None,
-        cwd: str | None = None,
-        user: str | None = None,
-    ) -> AbstractAsyncContextManager[ExecStream]:
-        raise NotImplementedError("these tests run the CLI themselves")
-
-    async def put_file(self, path: str, data: bytes, mode: int = 0o644, user: str | None = None) -> None:
-        target = anyio.Path(path)
-        await target.write_bytes(data)
-        await target.chmod(mode)
-        if user is not None:
-            os.chown(path, *_ids(user))
-
-    async def get_file(self, path: str) -> bytes:
-        return await anyio.Path(path).read_bytes()
-
-
-def _ids(user: str) -> tuple[int, int]:
-    import pwd
-
-    entry = pwd.getpwnam(user)
-    return entry.pw_uid, entry.pw_gid
-
-
 # -- running a turn ------------------------------------------------------------------------
-
-
-@dataclass
-class Outcome:
-    events: list[Event]
-    result: TurnResult
-    exit_code: int
-    stderr: str
 
 
 async def run_turn(
@@ -125,35 +64,7 @@ async def run_turn(
     gemini_bin: Path,
     on_event: Callable[[Event, anyio.abc.Process], None] | None = None,
 ) -> Outcome:
-    command = backend.command(turn)
-    argv = [str(gemini_bin), *command.argv[1:]]
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **command.env}
-    translator = backend.translator()
-    events: list[Event] = []
-    splitter = LineSplitter()
-    with anyio.fail_after(TURN_TIMEOUT_S):
-        async with await anyio.open_process(argv, cwd=command.cwd, env=env) as process:
-            assert process.stdin and process.stdout and process.stderr
-            await process.stdin.send(command.stdin or b"")
-            await process.stdin.aclose()
-            async for chunk in process.stdout:
-                for line in splitter.feed(chunk):
-                    new = translator.feed(line)
-                    events.extend(new)
-                    for event in new:
-                        if on_event is not None:
-                            on_event(event, process)
-            stderr = b"".join([chunk async for chunk in process.stderr]).decode("utf-8", "replace")
-            exit_code = await process.wait()
-    events.extend(translator.finish(exit_code, stderr))
-    return Outcome(events=events, result=translator.result, exit_code=exit_code, stderr=stderr)
-
-
-T = TypeVar("T")
-
-
-def of_type(events: list[Event], kind: type[T]) -> list[T]:
-    return [event for event in events if isinstance(event, kind)]
+    return await cli_harness.run_turn(backend, turn, gemini_bin, timeout_s=TURN_TIMEOUT_S, on_event=on_event)
 
 
 @pytest.fixture
@@ -164,9 +75,7 @@ def server() -> Iterator[ScriptedModelServer]:
 
 @pytest.fixture
 def dirs(tmp_path: Path) -> tuple[Path, Path]:
-    home, work = tmp_path / "home", tmp_path / "work"
-    work.mkdir()
-    return home, work
+    return home_and_work(tmp_path)
 
 
 def make_backend(server: ScriptedModelServer, extra: dict[str, Any] | None = None) -> Backend:
@@ -177,19 +86,6 @@ def make_backend(server: ScriptedModelServer, extra: dict[str, Any] | None = Non
     settings = BackendSettings.model_validate(raw)
     environ = {"GOOGLE_GEMINI_BASE_URL": server.url, "GEMINI_API_KEY": "test-not-real", "UNRELATED": "x"}
     return build_backend("gemini", settings, environ)
-
-
-def make_turn(agent: AgentSpec, prompt: str, dirs: tuple[Path, Path], resume_id: str | None = None) -> Turn:
-    home, work = dirs
-    return Turn(
-        session_id="ses_test",
-        index=1 if resume_id else 0,
-        prompt=prompt,
-        resume_id=resume_id,
-        agent=agent,
-        workdir=str(work),
-        home=str(home),
-    )
 
 
 async def prepared(server: ScriptedModelServer, agent: AgentSpec, dirs: tuple[Path, Path], **kw: Any) -> Backend:
@@ -489,7 +385,7 @@ async def test_prepare_merges_into_existing_settings_owned_by_the_user_and_priva
     backend = GeminiBackend()
     for _ in range(2):  # idempotent
         await backend.prepare(HostSandbox(), agent, home=str(home), user="nobody")
-    uid, _ = _ids("nobody")
+    uid, _ = user_ids("nobody")
     settings = home / ".gemini" / "settings.json"
     assert home.stat().st_uid == uid and settings.parent.stat().st_uid == uid
     assert settings.stat().st_uid == uid and stat.S_IMODE(settings.stat().st_mode) == 0o600

@@ -14,14 +14,14 @@ import stat
 import subprocess
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import anyio
+import anyio.abc
 import pytest
 
-from mcp_sandboxes.backends.base import AgentSpec, Turn, TurnResult
+from mcp_sandboxes.backends.base import AgentSpec, Turn
 from mcp_sandboxes.backends.opencode import CLI_TARGET, OpencodeBackend, config_path, instructions_path
 from mcp_sandboxes.backends.registry import backend_names, build_backend
 from mcp_sandboxes.config import BackendSettings, load_settings
@@ -32,11 +32,10 @@ from mcp_sandboxes.events import (
     AgentMessage,
     AgentToolResult,
     AgentToolUse,
-    Event,
     SessionError,
 )
-from mcp_sandboxes.providers.base import LineSplitter
-from tests.backends.test_claude_cli_real import HostSandbox
+from tests.backends import cli_harness
+from tests.backends.cli_harness import HostSandbox, Outcome, home_and_work, make_turn, of_type
 from tests.conftest import AGENT_CLIS, ROOT
 from tests.support.model_server import Reply, Script, ScriptedModelServer, ToolCall, openai_chat
 
@@ -61,9 +60,7 @@ def server() -> Iterator[ScriptedModelServer]:
 
 @pytest.fixture
 def dirs(tmp_path: Path) -> tuple[Path, Path]:
-    home, work = tmp_path / "home", tmp_path / "work"
-    work.mkdir()
-    return home, work
+    return home_and_work(tmp_path)
 
 
 def make_backend(server: ScriptedModelServer) -> OpencodeBackend:
@@ -83,27 +80,6 @@ def make_backend(server: ScriptedModelServer) -> OpencodeBackend:
     return backend
 
 
-def make_turn(agent: AgentSpec, prompt: str, dirs: tuple[Path, Path], resume_id: str | None = None) -> Turn:
-    home, work = dirs
-    return Turn(
-        session_id="ses_test",
-        index=1 if resume_id else 0,
-        prompt=prompt,
-        resume_id=resume_id,
-        agent=agent,
-        workdir=str(work),
-        home=str(home),
-    )
-
-
-@dataclass
-class Outcome:
-    events: list[Event]
-    result: TurnResult
-    exit_code: int
-    lines: list[str]
-
-
 async def run_turn(
     backend: OpencodeBackend,
     turn: Turn,
@@ -114,38 +90,24 @@ async def run_turn(
 ) -> Outcome:
     """prepare() then one turn; `prefix` wraps the CLI (e.g. strace)."""
     await backend.prepare(HostSandbox(), turn.agent, home=turn.home, user=None)
-    command = backend.command(turn)
-    argv = [*(prefix or []), str(opencode_bin), *command.argv[1:]]
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **command.env}
-    translator = backend.translator()
-    events: list[Event] = []
-    lines: list[str] = []
-    splitter = LineSplitter()
-    with anyio.fail_after(TURN_TIMEOUT_S):
-        async with await anyio.open_process(argv, cwd=command.cwd, env=env) as process:
-            assert process.stdin and process.stdout and process.stderr
-            await process.stdin.send(command.stdin or b"")
-            await process.stdin.aclose()
-            async for chunk in process.stdout:
-                for line in splitter.feed(chunk):
-                    lines.append(line)
-                    events.extend(translator.feed(line))
-                    if interrupt_after_step_start_s is not None and '"type":"step_start"' in line:
-                        # OpenCode prints a tool only when it ends: wait until it is running.
-                        await anyio.sleep(interrupt_after_step_start_s)
-                        process.send_signal(signal.SIGINT)
-                        interrupt_after_step_start_s = None
-            stderr = b"".join([chunk async for chunk in process.stderr])
-            exit_code = await process.wait()
-    events.extend(translator.finish(exit_code, stderr.decode("utf-8", "replace")))
-    return Outcome(events=events, result=translator.result, exit_code=exit_code, lines=lines)
+    pending = interrupt_after_step_start_s
 
+    async def interrupt_once_a_step_started(line: str, process: anyio.abc.Process) -> None:
+        nonlocal pending
+        if pending is not None and '"type":"step_start"' in line:
+            # OpenCode prints a tool only when it ends: wait until it is running.
+            await anyio.sleep(pending)
+            process.send_signal(signal.SIGINT)
+            pending = None
 
-T = TypeVar("T")
-
-
-def of_type(events: list[Event], kind: type[T]) -> list[T]:
-    return [event for event in events if isinstance(event, kind)]
+    return await cli_harness.run_turn(
+        backend,
+        turn,
+        opencode_bin,
+        timeout_s=TURN_TIMEOUT_S,
+        on_line=interrupt_once_a_step_started,
+        prefix=prefix or [],
+    )
 
 
 def tool_names(request_body: Any) -> list[str]:
