@@ -241,3 +241,18 @@ class LoopbackServer:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         await anyio.to_thread.run_sync(self.stop)
+
+
+def require_bwrap() -> None:
+    """The stand-ins run commands under bwrap: without it their tests fail (CI installs it),
+    unless MCP_SANDBOXES_ALLOW_UNAVAILABLE=1 asks to skip what cannot run."""
+    import os
+
+    import pytest
+
+    reason = bwrap_available()
+    if reason is None:
+        return
+    if os.environ.get("MCP_SANDBOXES_ALLOW_UNAVAILABLE") == "1":
+        pytest.skip(reason)
+    pytest.fail(reason)

@@ -14,13 +14,16 @@ from mcp_sandboxes.providers.base import OWNER_LABEL, SandboxSpec
 from mcp_sandboxes.providers.fly import FlyProvider
 from tests.contract_servers.fly import FlyState, fly_server
 from tests.contract_servers.host_reaper import processes_of
-from tests.contract_servers.sandbox_host import LoopbackServer, bwrap_available
+from tests.contract_servers.sandbox_host import LoopbackServer, require_bwrap
 
 APP = "mcp-sandboxes-remote-test"
 SPEC = SandboxSpec(image="debian:bookworm", network="host")
 STEP_S = 30.0
 
-pytestmark = pytest.mark.skipif(bwrap_available() is not None, reason=str(bwrap_available()))
+
+@pytest.fixture(autouse=True)
+def _needs_bwrap() -> None:
+    require_bwrap()
 
 
 @pytest.fixture

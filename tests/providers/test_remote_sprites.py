@@ -13,13 +13,16 @@ import pytest
 from mcp_sandboxes.errors import InvalidInputError, ProviderError
 from mcp_sandboxes.providers.base import SandboxSpec
 from mcp_sandboxes.providers.sprites import OWNER_TAG, SpritesProvider, SpritesSandbox
-from tests.contract_servers.sandbox_host import LoopbackServer, bwrap_available
+from tests.contract_servers.sandbox_host import LoopbackServer, require_bwrap
 from tests.contract_servers.sprites import SpritesState, sprites_server
 
 SPEC = SandboxSpec(image="default", network="host")
 STEP_S = 30.0
 
-pytestmark = pytest.mark.skipif(bwrap_available() is not None, reason=str(bwrap_available()))
+
+@pytest.fixture(autouse=True)
+def _needs_bwrap() -> None:
+    require_bwrap()
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import pytest
 from mcp_sandboxes.errors import InvalidInputError, ProviderError
 from mcp_sandboxes.providers.base import OWNER_LABEL, SandboxSpec
 from mcp_sandboxes.providers.vercel import VercelProvider
-from tests.contract_servers.sandbox_host import LoopbackServer, bwrap_available
+from tests.contract_servers.sandbox_host import LoopbackServer, require_bwrap
 from tests.contract_servers.vercel import VercelState, vercel_server
 
 TEAM = "team_remote_test"
@@ -20,7 +20,10 @@ PROJECT = "prj_remote_test"
 SPEC = SandboxSpec(image="node24", network="none")
 STEP_S = 30.0
 
-pytestmark = pytest.mark.skipif(bwrap_available() is not None, reason=str(bwrap_available()))
+
+@pytest.fixture(autouse=True)
+def _needs_bwrap() -> None:
+    require_bwrap()
 
 
 @pytest.fixture
