@@ -46,6 +46,27 @@ class Turn(BaseModel):
     home: str = "/home/agent"
 
 
+class RetryIf(BaseModel):
+    """When a CLI run that never got going is simply run again: it exited with `exit_code`,
+    printed nothing on stdout and said `stderr_contains`. For races inside a CLI that lose
+    its input before any model call (so a rerun repeats no work and costs nothing)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    exit_code: int
+    stderr_contains: str = Field(min_length=1)
+    attempts: int = Field(default=3, ge=1, le=10, description="Runs in all, the first included.")
+
+    def applies(self, *, attempt: int, exit_code: int, printed_stdout: bool, stderr: str) -> bool:
+        """Whether run number `attempt` (from 1) is to be followed by another."""
+        return (
+            attempt < self.attempts
+            and exit_code == self.exit_code
+            and not printed_stdout
+            and self.stderr_contains in stderr
+        )
+
+
 class Command(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -53,6 +74,7 @@ class Command(BaseModel):
     env: dict[str, str] = Field(default_factory=dict)
     stdin: bytes | None = None
     cwd: str | None = None
+    retry: RetryIf | None = None
 
 
 class TurnResult(BaseModel):

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from mcp_sandboxes.backends.base import AgentSpec, Command, Turn, TurnResult
+from mcp_sandboxes.backends.base import AgentSpec, Command, RetryIf, Turn, TurnResult
 from mcp_sandboxes.config import BackendSettings
 from mcp_sandboxes.errors import BackendError, InvalidInputError
 from mcp_sandboxes.events import (
@@ -50,6 +50,9 @@ _BYPASS_FLAGS = frozenset({"--dangerously-skip-permissions"})
 INTERRUPT_EXIT_CODES = frozenset({0, 130, 143})
 _FAILED_MCP_STATUSES = frozenset({"failed", "error", "needs-auth"})
 MAX_ERROR_TAIL = 2000
+# The CLI gives piped stdin 3 s to start arriving, then says so and exits 1 with no output and
+# no model call; a stalled machine can lose that race with the prompt already in the pipe.
+STDIN_RACE_RETRY = RetryIf(exit_code=1, stderr_contains="no stdin data received", attempts=3)
 
 
 class ClaudeBackend:
@@ -99,7 +102,7 @@ class ClaudeBackend:
         env = {**self._env, "HOME": turn.home}
         if agent.permission_mode in _BYPASS_MODES or _BYPASS_FLAGS.intersection(agent.extra_args):
             env["IS_SANDBOX"] = "1"
-        return Command(argv=argv, env=env, stdin=turn.prompt.encode("utf-8"), cwd=turn.workdir)
+        return Command(argv=argv, env=env, stdin=turn.prompt.encode("utf-8"), cwd=turn.workdir, retry=STDIN_RACE_RETRY)
 
     def translator(self) -> ClaudeTranslator:
         return ClaudeTranslator()

@@ -38,7 +38,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from mcp_sandboxes.backends.base import AgentSpec, Command, Turn, TurnResult
+from mcp_sandboxes.backends.base import AgentSpec, Command, RetryIf, Turn, TurnResult
 from mcp_sandboxes.config import BackendSettings
 from mcp_sandboxes.errors import BackendError, InvalidInputError
 from mcp_sandboxes.events import (
@@ -97,6 +97,11 @@ _EXIT_ERRORS: dict[int, tuple[str, str]] = {
     EXIT_CONFIG: ("config_error", "gemini found its configuration invalid"),
     EXIT_TOOL: ("tool_error", "a tool failed fatally"),
 }
+# 0.61.0 waits only 500 ms from calling its stdin reader for a first chunk, and a timer that
+# expires while the event loop is busy (a loaded machine) fires before the already-piped data
+# is read: the CLI then says it got no input and exits 42 before any model call. Running it
+# again is safe and, on such a machine, needed.
+STDIN_RACE_RETRY = RetryIf(exit_code=EXIT_INPUT, stderr_contains="No input provided via stdin", attempts=3)
 # Stopped on purpose: 0.61.0 exits 0 without a result line on SIGINT or SIGTERM; 130 is its
 # own cancellation code and the shell's for SIGINT, 143 the shell's for SIGTERM.
 INTERRUPT_EXIT_CODES = frozenset({0, EXIT_CANCELLED, 143})
@@ -159,7 +164,7 @@ class GeminiBackend:
             "HOME": turn.home,
             "GEMINI_CLI_NO_RELAUNCH": "true",
         }
-        return Command(argv=argv, env=env, stdin=turn.prompt.encode("utf-8"), cwd=turn.workdir)
+        return Command(argv=argv, env=env, stdin=turn.prompt.encode("utf-8"), cwd=turn.workdir, retry=STDIN_RACE_RETRY)
 
     def translator(self) -> GeminiTranslator:
         return GeminiTranslator()

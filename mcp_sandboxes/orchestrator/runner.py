@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 
 import anyio
 
-from mcp_sandboxes.backends.base import Backend, Turn, TurnResult
+from mcp_sandboxes.backends.base import Backend, Command, Translator, Turn, TurnResult
+from mcp_sandboxes.errors import ProviderError
 from mcp_sandboxes.events import ErrorInfo, Event, SessionError
 from mcp_sandboxes.providers.base import ExecStream, LineSplitter, Sandbox, TailBuffer
 
@@ -61,39 +62,27 @@ async def run_turn(
 ) -> TurnResult:
     command = backend.command(turn)
     translator = backend.translator()
-    splitter = LineSplitter()
-    stderr_tail = TailBuffer()
-    exit_code = -1
-    timed_out = False
-    try:
-        async with sandbox.stream(command.argv, env=command.env, cwd=command.cwd or turn.workdir, user=user) as process:
-            handle.stream = process
-            if handle.interrupted:  # interrupted before the process existed
-                await process.signal(signal.SIGINT)
-            if command.stdin is not None:
-                await process.send_stdin(command.stdin)
-            await process.close_stdin()
-            with anyio.move_on_after(timeout_s) as deadline:
-                async for chunk in process:
-                    if chunk.stream == "stdout":
-                        for line in splitter.feed(chunk.data):
-                            if line.strip():
-                                await emit(translator.feed(line))
-                    else:
-                        stderr_tail.write(chunk.data)
-                for line in splitter.flush():
-                    if line.strip():
-                        await emit(translator.feed(line))
-                exit_code = await process.wait()
-            if deadline.cancelled_caught:
-                timed_out = True
-                handle.interrupted = True
-                await process.signal(signal.SIGKILL)
-                with anyio.move_on_after(KILL_GRACE_S):
-                    exit_code = await process.wait()
-    finally:
-        handle.stream = None
-    await emit(translator.finish(exit_code, stderr_tail.text()))
+    outcome = _Attempt()
+    with anyio.move_on_after(timeout_s) as deadline:
+        attempt = 1
+        while True:
+            outcome = _Attempt()
+            await _run_once(outcome, sandbox, command, translator, turn, handle, emit, user)
+            retry = command.retry
+            if handle.interrupted or retry is None:
+                break
+            if not retry.applies(
+                attempt=attempt,
+                exit_code=outcome.exit_code,
+                printed_stdout=outcome.printed_stdout,
+                stderr=outcome.stderr,
+            ):
+                break
+            attempt += 1
+    timed_out = deadline.cancelled_caught
+    if timed_out:
+        handle.interrupted = True
+    await emit(translator.finish(outcome.exit_code, outcome.stderr))
     result = translator.result.model_copy()
     if timed_out:
         await emit(
@@ -104,3 +93,61 @@ async def run_turn(
     elif handle.interrupted:
         result.stop_reason = "interrupted"
     return result
+
+
+@dataclass
+class _Attempt:
+    exit_code: int = -1
+    stderr: str = ""
+    printed_stdout: bool = False
+
+
+async def _run_once(
+    outcome: _Attempt,
+    sandbox: Sandbox,
+    command: Command,
+    translator: Translator,
+    turn: Turn,
+    handle: RunningTurn,
+    emit: Emit,
+    user: str | None,
+) -> None:
+    """One run of the command, recorded into `outcome` (also when the turn's deadline cancels
+    it: the process is killed first and what it left is kept)."""
+    splitter = LineSplitter()
+    stderr_tail = TailBuffer()
+    try:
+        async with sandbox.stream(command.argv, env=command.env, cwd=command.cwd or turn.workdir, user=user) as process:
+            handle.stream = process
+            try:
+                if handle.interrupted:  # interrupted before the process existed
+                    await process.signal(signal.SIGINT)
+                try:
+                    if command.stdin is not None:
+                        await process.send_stdin(command.stdin)
+                    await process.close_stdin()
+                except ProviderError as exc:
+                    # The CLI exited (or shut its stdin) before taking its prompt; its exit code
+                    # and stderr say why, so the turn goes on to read them.
+                    stderr_tail.write(f"[mcp-sandboxes] the prompt was not delivered on stdin: {exc}\n".encode())
+                async for chunk in process:
+                    if chunk.stream == "stdout":
+                        for line in splitter.feed(chunk.data):
+                            if line.strip():
+                                outcome.printed_stdout = True
+                                await emit(translator.feed(line))
+                    else:
+                        stderr_tail.write(chunk.data)
+                for line in splitter.flush():
+                    if line.strip():
+                        outcome.printed_stdout = True
+                        await emit(translator.feed(line))
+                outcome.exit_code = await process.wait()
+            except anyio.get_cancelled_exc_class():
+                with anyio.CancelScope(shield=True), anyio.move_on_after(KILL_GRACE_S):
+                    await process.signal(signal.SIGKILL)
+                    outcome.exit_code = await process.wait()
+                raise
+    finally:
+        handle.stream = None
+        outcome.stderr = stderr_tail.text()

@@ -5,6 +5,7 @@ the backend's translator, and the Turn/HOME/workdir plumbing around it. What dif
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -75,6 +76,7 @@ class Outcome:
     exit_code: int
     stderr: str = ""
     lines: list[str] = field(default_factory=list)
+    runs: int = 1
 
 
 OnEvent = Callable[[Event, anyio.abc.Process], None]
@@ -91,35 +93,50 @@ async def run_turn(
     on_line: OnLine | None = None,
     prefix: Sequence[str] = (),
     extra_env: Callable[[Command], Mapping[str, str]] | None = None,
+    stdin_delay_s: Sequence[float] = (),
 ) -> Outcome:
     """One turn: `executable` stands in for the argv's CLI path (the in-sandbox target), `prefix`
-    wraps it (e.g. strace), `extra_env` adds variables under the command's own env."""
+    wraps it (e.g. strace), `extra_env` adds variables under the command's own env. The command's
+    retry rule is followed as the orchestrator's runner follows it; `stdin_delay_s[n]` holds run
+    n's stdin back that long (to lose a CLI's stdin race on purpose). `Outcome.runs` counts runs."""
     command = backend.command(turn)
     argv = [*prefix, str(executable), *command.argv[1:]]
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **(extra_env(command) if extra_env else {}), **command.env}
     translator = backend.translator()
     events: list[Event] = []
     lines: list[str] = []
-    splitter = LineSplitter()
+    runs = 0
     with anyio.fail_after(timeout_s):
-        async with await anyio.open_process(argv, cwd=command.cwd, env=env) as process:
-            assert process.stdin and process.stdout and process.stderr
-            await process.stdin.send(command.stdin or b"")
-            await process.stdin.aclose()
-            async for chunk in process.stdout:
-                for line in splitter.feed(chunk):
-                    lines.append(line)
-                    new = translator.feed(line)
-                    events.extend(new)
-                    for event in new:
-                        if on_event is not None:
-                            on_event(event, process)
-                    if on_line is not None:
-                        await on_line(line, process)
-            stderr = b"".join([chunk async for chunk in process.stderr]).decode("utf-8", "replace")
-            exit_code = await process.wait()
+        while True:
+            runs += 1
+            splitter = LineSplitter()
+            async with await anyio.open_process(argv, cwd=command.cwd, env=env) as process:
+                assert process.stdin and process.stdout and process.stderr
+                if runs <= len(stdin_delay_s):
+                    await anyio.sleep(stdin_delay_s[runs - 1])
+                with contextlib.suppress(anyio.BrokenResourceError):  # it may exit without reading
+                    await process.stdin.send(command.stdin or b"")
+                await process.stdin.aclose()
+                async for chunk in process.stdout:
+                    for line in splitter.feed(chunk):
+                        lines.append(line)
+                        new = translator.feed(line)
+                        events.extend(new)
+                        for event in new:
+                            if on_event is not None:
+                                on_event(event, process)
+                        if on_line is not None:
+                            await on_line(line, process)
+                stderr = b"".join([chunk async for chunk in process.stderr]).decode("utf-8", "replace")
+                exit_code = await process.wait()
+            retry = command.retry
+            printed = any(line.strip() for line in lines)
+            if retry is None or not retry.applies(
+                attempt=runs, exit_code=exit_code, printed_stdout=printed, stderr=stderr
+            ):
+                break
     events.extend(translator.finish(exit_code, stderr))
-    return Outcome(events=events, result=translator.result, exit_code=exit_code, stderr=stderr, lines=lines)
+    return Outcome(events=events, result=translator.result, exit_code=exit_code, stderr=stderr, lines=lines, runs=runs)
 
 
 T = TypeVar("T")
