@@ -24,6 +24,7 @@ from anyio.abc import ByteReceiveStream, Process
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from mcp_sandboxes.errors import ConflictError, InvalidInputError, ProviderError
+from mcp_sandboxes.providers._pipes import enlarge_output_pipes
 from mcp_sandboxes.providers.base import ExecResult, ExecStream, OutputChunk
 
 READ_CHUNK_BYTES = 64 * 1024
@@ -197,6 +198,7 @@ async def run_process(
         )
     except OSError as exc:
         raise ProviderError(f"cannot start {argv[0]!r}: {exc.strerror or exc}") from exc
+    enlarge_output_pipes(process)
     stream = LocalExecStream(process, program, signal_groups)
     if live is not None:
         live.add(stream)

@@ -19,6 +19,7 @@ import anyio.abc
 
 from mcp_sandboxes.backends.base import AgentSpec, Backend, Command, Turn, TurnResult
 from mcp_sandboxes.events import Event
+from mcp_sandboxes.providers._pipes import enlarge_output_pipes
 from mcp_sandboxes.providers.base import ExecResult, ExecStream, LineSplitter
 
 
@@ -93,12 +94,13 @@ async def run_turn(
     on_line: OnLine | None = None,
     prefix: Sequence[str] = (),
     extra_env: Callable[[Command], Mapping[str, str]] | None = None,
-    stdin_delay_s: Sequence[float] = (),
+    withhold_stdin: int = 0,
 ) -> Outcome:
     """One turn: `executable` stands in for the argv's CLI path (the in-sandbox target), `prefix`
     wraps it (e.g. strace), `extra_env` adds variables under the command's own env. The command's
-    retry rule is followed as the orchestrator's runner follows it; `stdin_delay_s[n]` holds run
-    n's stdin back that long (to lose a CLI's stdin race on purpose). `Outcome.runs` counts runs."""
+    retry rule is followed as the orchestrator's runner follows it; the first `withhold_stdin` runs
+    get an open stdin that stays empty (a CLI's stdin window then passes, as on a stalled
+    machine), closed once their output ends. `Outcome.runs` counts runs."""
     command = backend.command(turn)
     argv = [*prefix, str(executable), *command.argv[1:]]
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **(extra_env(command) if extra_env else {}), **command.env}
@@ -112,11 +114,12 @@ async def run_turn(
             splitter = LineSplitter()
             async with await anyio.open_process(argv, cwd=command.cwd, env=env) as process:
                 assert process.stdin and process.stdout and process.stderr
-                if runs <= len(stdin_delay_s):
-                    await anyio.sleep(stdin_delay_s[runs - 1])
-                with contextlib.suppress(anyio.BrokenResourceError):  # it may exit without reading
-                    await process.stdin.send(command.stdin or b"")
-                await process.stdin.aclose()
+                enlarge_output_pipes(process)  # as the local providers do (see providers/_pipes.py)
+                withheld = runs <= withhold_stdin
+                if not withheld:
+                    with contextlib.suppress(anyio.BrokenResourceError):  # it may exit without reading
+                        await process.stdin.send(command.stdin or b"")
+                    await process.stdin.aclose()
                 async for chunk in process.stdout:
                     for line in splitter.feed(chunk):
                         lines.append(line)
@@ -129,6 +132,8 @@ async def run_turn(
                             await on_line(line, process)
                 stderr = b"".join([chunk async for chunk in process.stderr]).decode("utf-8", "replace")
                 exit_code = await process.wait()
+                if withheld:
+                    await process.stdin.aclose()
             retry = command.retry
             printed = any(line.strip() for line in lines)
             if retry is None or not retry.applies(

@@ -154,11 +154,11 @@ async def test_a_prompt_on_stdin_may_be_huge_and_start_with_a_dash(
 async def test_a_run_that_lost_the_clis_stdin_race_is_run_again_before_any_model_call(
     server: ScriptedModelServer, dirs: tuple[Path, Path], claude_bin: Path
 ) -> None:
-    # The CLI waits 3 s for piped stdin: held back 4 s, the first run proceeds without a prompt.
+    # The CLI waits 3 s for piped stdin: withheld, the first run proceeds without a prompt and exits 1.
     server.script.on(user_contains="RACE-PROMPT", reply=Reply(text="RACE-OK"))
     turn = make_turn(BASH_AGENT, "RACE-PROMPT", dirs)
     outcome = await cli_harness.run_turn(
-        make_backend(server), turn, claude_bin, timeout_s=TURN_TIMEOUT_S, stdin_delay_s=[4.0]
+        make_backend(server), turn, claude_bin, timeout_s=TURN_TIMEOUT_S, withhold_stdin=1
     )
     assert outcome.runs == 2 and outcome.result.final_text == "RACE-OK", outcome.stderr
     assert len(server.requests_containing("RACE-PROMPT")) == 1

@@ -193,11 +193,11 @@ async def test_a_prompt_on_stdin_may_be_huge_and_start_with_a_dash(
 async def test_a_run_that_lost_the_clis_stdin_race_is_run_again_before_any_model_call(
     server: ScriptedModelServer, dirs: tuple[Path, Path], gemini_bin: Path
 ) -> None:
-    # The CLI gives piped stdin 500 ms: held back 2 s, the first run sees no prompt and exits 42.
+    # The CLI gives piped stdin 500 ms: withheld, the first run sees no prompt and exits 42.
     server.script.on(user_contains="RACE-PROMPT", reply=Reply(text="RACE-OK"))
     backend = await prepared(server, AGENT, dirs)
     turn = make_turn(AGENT, "RACE-PROMPT", dirs)
-    outcome = await cli_harness.run_turn(backend, turn, gemini_bin, timeout_s=TURN_TIMEOUT_S, stdin_delay_s=[2.0])
+    outcome = await cli_harness.run_turn(backend, turn, gemini_bin, timeout_s=TURN_TIMEOUT_S, withhold_stdin=1)
     assert outcome.runs == 2
     assert outcome.result.final_text == "RACE-OK", outcome.stderr
     assert len(server.requests_containing("RACE-PROMPT")) == 1
@@ -208,9 +208,7 @@ async def test_a_cli_that_never_gets_its_prompt_fails_with_the_input_error_after
 ) -> None:
     backend = await prepared(server, AGENT, dirs)
     turn = make_turn(AGENT, "NEVER-SEEN", dirs)
-    outcome = await cli_harness.run_turn(
-        backend, turn, gemini_bin, timeout_s=TURN_TIMEOUT_S, stdin_delay_s=[2.0, 2.0, 2.0]
-    )
+    outcome = await cli_harness.run_turn(backend, turn, gemini_bin, timeout_s=TURN_TIMEOUT_S, withhold_stdin=3)
     assert outcome.runs == 3 and outcome.exit_code == 42
     assert outcome.result.stop_reason == "error" and "input" in (outcome.result.error or "")
     assert not server.requests_containing("NEVER-SEEN")
