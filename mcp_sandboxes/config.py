@@ -30,6 +30,21 @@ class ServerSettings(BaseModel):
     )
 
 
+class SubagentSettings(BaseModel):
+    """Agents that spawn their own sub-agents by calling this server back."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_depth: int = Field(
+        default=2, ge=0, le=8, description="Levels of sub-agents below a top-level agent; 0 turns sub-agents off."
+    )
+    url: str = Field(
+        default="",
+        description="The MCP endpoint sandboxed agents call back. Empty: over HTTP, this server's own loopback"
+        " address; over stdio, a loopback listener started for them alone.",
+    )
+
+
 class BackendSettings(BaseModel):
     """Per-backend settings; the backend module reads what applies to it."""
 
@@ -47,6 +62,7 @@ class Settings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     server: ServerSettings = Field(default_factory=ServerSettings)
+    subagents: SubagentSettings = Field(default_factory=SubagentSettings)
     providers: dict[str, dict[str, Any]] = Field(default_factory=dict)
     backends: dict[str, BackendSettings] = Field(default_factory=dict)
 

@@ -28,6 +28,7 @@ from mcp_sandboxes.events import (
     SessionStatusIdle,
     SessionStatusRunning,
     SessionStatusTerminated,
+    SessionThreadCreated,
     StopReason,
     TextBlock,
     UserInterrupt,
@@ -37,6 +38,13 @@ from mcp_sandboxes.orchestrator.bus import EventBus, SessionChanged
 from mcp_sandboxes.orchestrator.environments import EnvironmentRequest, EnvironmentService
 from mcp_sandboxes.orchestrator.providers import ProviderPool
 from mcp_sandboxes.orchestrator.runner import RunningTurn, run_turn
+from mcp_sandboxes.orchestrator.subagents import (
+    REDACTED_AUTHORIZATION,
+    SERVER_NAME,
+    Lineage,
+    callback_server,
+    new_token,
+)
 from mcp_sandboxes.orchestrator.views import EnvironmentView, EventsPage, EventView, SessionView, TurnView
 from mcp_sandboxes.providers.base import Sandbox
 from mcp_sandboxes.store import Database, SessionRecord
@@ -74,6 +82,10 @@ class Orchestrator:
         self.providers = ProviderPool(settings)
         self.environments = EnvironmentService(self.db, self.providers)
         self.bus = EventBus()
+        self.lineage = Lineage(self.db)
+        # The MCP endpoint sandboxed agents call back (set by the server once it listens); None:
+        # sub-agents cannot be offered.
+        self.subagent_url: str | None = None
         self._backends: dict[str, Backend] = {}
         self._workers: dict[str, SessionWorker] = {}
         self._task_group: TaskGroup | None = None
@@ -207,12 +219,26 @@ class Orchestrator:
         agent: AgentSpec,
         prompt: str,
         parent_session_id: str | None = None,
+        subagents: bool = False,
     ) -> SessionView:
-        """Provision the sandbox, then record the session; a failure at any step leaves nothing behind."""
+        """Provision the sandbox, then record the session; a failure at any step leaves nothing behind.
+        With `parent_session_id` the session is that one's child; with `subagents` its agent gets
+        this server's tools (a token of its own) to spawn children."""
         if not prompt.strip():
             raise InvalidInputError("prompt", "is empty; say what the agent should do")
         env = await self.environments.get(environment)
         backend = self._backend(agent.backend)
+        token_sha256: str | None = None
+        prepared_agent = agent
+        if subagents:
+            url = await self._subagent_url(env.spec.network, parent_session_id)
+            token, token_sha256 = new_token()
+            prepared_agent = agent.model_copy(
+                update={"mcp_servers": {**agent.mcp_servers, SERVER_NAME: callback_server(url, f"Bearer {token}")}}
+            )
+            agent = agent.model_copy(
+                update={"mcp_servers": {**agent.mcp_servers, SERVER_NAME: callback_server(url, REDACTED_AUTHORIZATION)}}
+            )
         provider = await self.providers.get(env.provider)
         session_id = f"ses_{uuid.uuid4().hex[:20]}"
         user = self.settings.server.sandbox_user
@@ -228,7 +254,7 @@ class Orchestrator:
         sandbox = await provider.create(spec)
         try:
             await self._run_setup(sandbox, env.setup_commands)
-            await backend.prepare(sandbox, agent, home=self.settings.server.sandbox_home, user=spec.user)
+            await backend.prepare(sandbox, prepared_agent, home=self.settings.server.sandbox_home, user=spec.user)
             now = utc_now()
             await self.db.insert_session(
                 SessionRecord(
@@ -241,6 +267,7 @@ class Orchestrator:
                     sandbox_id=sandbox.id,
                     created_at=now,
                     updated_at=now,
+                    token_sha256=token_sha256,
                 ),
                 prompt,
             )
@@ -258,8 +285,34 @@ class Orchestrator:
                 )
             ],
         )
+        if parent_session_id is not None:
+            await self._emit(parent_session_id, [SessionThreadCreated(child_session_id=session_id)])
         self._spawn(SessionWorker(session_id=session_id, sandbox=sandbox, backend=backend))
         return await self.get_session(session_id)
+
+    async def _subagent_url(self, network: str, parent_session_id: str | None) -> str:
+        """Where a new agent calls back to spawn sub-agents, once its depth and network allow it."""
+        limit = self.settings.subagents.max_depth
+        if limit == 0:
+            raise InvalidInputError("subagents", "sub-agents are turned off here (subagents.max_depth = 0)")
+        depth = 0 if parent_session_id is None else await self.lineage.depth(parent_session_id) + 1
+        if depth >= limit:
+            raise InvalidInputError(
+                "subagents",
+                f"this agent would be at depth {depth} and may not spawn its own: the limit is {limit}"
+                " (subagents.max_depth); spawn it with subagents=false",
+            )
+        if self.subagent_url is None:
+            raise InvalidInputError(
+                "subagents", "this server has no address agents can call back; serve it over stdio or http"
+            )
+        if network != "host":
+            raise InvalidInputError(
+                "subagents",
+                f"the environment's network is {network!r}, so the agent cannot reach this server;"
+                " use an environment created with network='host'",
+            )
+        return self.subagent_url
 
     async def _run_setup(self, sandbox: Sandbox, commands: list[str]) -> None:
         for index, command in enumerate(commands):
@@ -316,6 +369,16 @@ class Orchestrator:
         return await self.get_session(session_id)
 
     async def stop_session(self, session_id: str) -> SessionView:
+        """Stops the session and, first, every sub-agent it spawned (children before parents, so
+        none outlives the agent it reports to)."""
+        await self.db.get_session(session_id)  # NotFoundError for unknown ids
+        for child_id in reversed(await self.lineage.descendants(session_id)):
+            child = await self.db.get_session(child_id)
+            if child.status in LIVE_STATUSES or child.sandbox_id:
+                await self._stop_one(child_id)
+        return await self._stop_one(session_id)
+
+    async def _stop_one(self, session_id: str) -> SessionView:
         session = await self.db.get_session(session_id)
         if session.status in ("stopped", "failed") and session_id not in self._workers:
             if session.sandbox_id:

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from typing import Annotated, Any, TypeVar
 
-from mcp.server.mcpserver import MCPServer
+from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp_types import ToolAnnotations
 from pydantic import BaseModel, Field, ValidationError
@@ -16,6 +17,11 @@ from mcp_sandboxes.errors import McpSandboxesError
 
 InputT = TypeVar("InputT", bound=BaseModel)
 OutputT = TypeVar("OutputT", bound=BaseModel)
+# Runs before each call with the HTTP request that carried it (None over stdio); it sets up
+# whatever the handler needs to know about the caller, and is left when the call ends.
+CallScope = Callable[[Any], AbstractAsyncContextManager[None]]
+# The parameter the SDK fills with the call's Context (found by its annotation).
+CONTEXT_PARAMETER = "mcp_call_context"
 
 
 def describe_validation_error(exc: ValidationError) -> str:
@@ -35,6 +41,7 @@ def register_tool(
     output_model: type[OutputT],
     handler: Callable[[InputT], Awaitable[OutputT]],
     annotations: ToolAnnotations,
+    call_scope: CallScope | None = None,
 ) -> None:
     parameters = []
     for field_name, info in input_model.model_fields.items():
@@ -44,21 +51,40 @@ def register_tool(
             inspect.Parameter(field_name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
         )
 
+    parameters.append(
+        inspect.Parameter(CONTEXT_PARAMETER, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Context)
+    )
+
     async def tool(**arguments: Any) -> Any:
+        context = arguments.pop(CONTEXT_PARAMETER, None)
         try:
             request = input_model.model_validate(arguments)
         except ValidationError as exc:
             raise ToolError(describe_validation_error(exc)) from None
         try:
-            return await handler(request)
+            if call_scope is None:
+                return await handler(request)
+            async with call_scope(http_request(context)):
+                return await handler(request)
         except McpSandboxesError as exc:
             raise ToolError(str(exc)) from exc
 
     tool.__signature__ = inspect.Signature(parameters, return_annotation=output_model)  # type: ignore[attr-defined]
+    tool.__annotations__ = {CONTEXT_PARAMETER: Context, "return": output_model}
     tool.__name__ = name
     tool.__doc__ = description
     server.add_tool(tool, name=name, description=description, annotations=annotations, structured_output=True)
     _forbid_unknown_arguments(server, name)
+
+
+def http_request(context: Any) -> Any:
+    """The HTTP request behind a call, or None (stdio, or no context)."""
+    if not isinstance(context, Context):
+        return None
+    try:
+        return context.request_context.request
+    except ValueError:
+        return None
 
 
 def _forbid_unknown_arguments(server: MCPServer[Any], name: str) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 import anyio
 import mcp_types as types
 from mcp.server.context import ServerRequestContext
-from mcp.server.mcpserver import MCPServer
+from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ResourceError
 from mcp.server.session import ServerSession
 from mcp.server.subscriptions import InMemorySubscriptionBus, ResourcesListChanged, ResourceUpdated
@@ -21,6 +21,8 @@ from mcp.server.subscriptions import InMemorySubscriptionBus, ResourcesListChang
 from mcp_sandboxes.errors import NotFoundError
 from mcp_sandboxes.orchestrator import Orchestrator
 from mcp_sandboxes.orchestrator.transcript import render_transcript
+from mcp_sandboxes.server.auth import CallerIdentity
+from mcp_sandboxes.server.registration import http_request
 from mcp_sandboxes.store.records import LIVE_STATUSES
 
 logger = logging.getLogger(__name__)
@@ -58,17 +60,32 @@ class SandboxesMCPServer(MCPServer[Any]):
         return resources
 
 
-def register_resources(server: SandboxesMCPServer, orchestrator: Orchestrator) -> None:
-    async def transcript(session_id: str) -> str:
+def register_resources(
+    server: SandboxesMCPServer, orchestrator: Orchestrator, identity: CallerIdentity | None = None
+) -> None:
+    """With `identity`, an agent calling back over HTTP reads only its own sub-agents' resources."""
+
+    async def reach(context: Context[Any, Any], session_id: str) -> None:
+        request = http_request(context)
+        if identity is None or request is None:
+            return
+        caller = await identity.caller(request.headers.get("authorization", ""))
+        if caller is None:
+            raise NotFoundError("authorization: the bearer token is no longer valid")
+        await orchestrator.lineage.check_reach(caller, session_id)
+
+    async def transcript(session_id: str, ctx: Context[Any, Any]) -> str:
         try:
+            await reach(ctx, session_id)
             session = await orchestrator.db.get_session(session_id)
         except NotFoundError as exc:
             raise ResourceError(str(exc)) from exc
         events = await orchestrator.db.read_events(session_id, limit=MAX_EVENTS_IN_RESOURCE)
         return render_transcript(session, events)
 
-    async def events(session_id: str) -> str:
+    async def events(session_id: str, ctx: Context[Any, Any]) -> str:
         try:
+            await reach(ctx, session_id)
             await orchestrator.db.get_session(session_id)
         except NotFoundError as exc:
             raise ResourceError(str(exc)) from exc

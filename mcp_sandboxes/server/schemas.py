@@ -66,6 +66,11 @@ class SpawnAgentInput(_Input):
         " (codex: bypass its own sandbox, gemini: yolo, opencode/droid: skip permission prompts).",
     )
     max_turns: int | None = Field(default=None, ge=1, le=10_000, description="Stop after this many agent turns.")
+    subagents: bool = Field(
+        default=False,
+        description="Give the agent this server's tools (MCP server 'sandboxes') so it can spawn and steer its own"
+        " sub-agents, within the depth limit. Needs an environment with network='host'.",
+    )
     wait: bool = Field(default=False, description="Wait for the first turn to end and return its final message.")
     timeout_s: float = Field(default=300, gt=0, le=MAX_WAIT_S, description="How long `wait` waits, in seconds.")
 

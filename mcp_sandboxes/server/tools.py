@@ -8,12 +8,14 @@ from mcp.server.mcpserver import MCPServer
 from mcp_types import ToolAnnotations
 
 from mcp_sandboxes.backends.base import AgentSpec
+from mcp_sandboxes.errors import ConflictError
 from mcp_sandboxes.orchestrator import Orchestrator
 from mcp_sandboxes.orchestrator.core import turn_view
 from mcp_sandboxes.orchestrator.environments import EnvironmentRequest
+from mcp_sandboxes.orchestrator.subagents import current_caller
 from mcp_sandboxes.orchestrator.views import EnvironmentView, EventsPage, SessionView
 from mcp_sandboxes.providers.base import ResourceLimits
-from mcp_sandboxes.server.registration import register_tool
+from mcp_sandboxes.server.registration import CallScope, register_tool
 from mcp_sandboxes.server.schemas import (
     CreateEnvironmentInput,
     DeleteEnvironmentInput,
@@ -33,8 +35,14 @@ CREATES = ToolAnnotations(read_only_hint=False, destructive_hint=False, idempote
 DESTROYS = ToolAnnotations(read_only_hint=False, destructive_hint=True, idempotent_hint=True, open_world_hint=False)
 
 
-def register_tools(server: MCPServer[Any], orchestrator: Orchestrator) -> None:
+def register_tools(server: MCPServer[Any], orchestrator: Orchestrator, call_scope: CallScope | None = None) -> None:
+    """`call_scope` sets `current_caller` around each call; an agent calling back (a sub-agent
+    token) acts as its session: what it spawns is its child, and it reaches only its descendants."""
     settings = orchestrator.settings.server
+
+    async def reachable(session_id: str) -> str:
+        await orchestrator.lineage.check_reach(current_caller.get(), session_id)
+        return session_id
 
     async def outcome(session_id: str, turn_index: int, wait: bool, timeout_s: float) -> TurnOutcome:
         if not wait:
@@ -74,6 +82,8 @@ def register_tools(server: MCPServer[Any], orchestrator: Orchestrator) -> None:
         return EnvironmentList(environments=await orchestrator.list_environments())
 
     async def delete_environment(request: DeleteEnvironmentInput) -> EnvironmentView:
+        if current_caller.get().is_agent:
+            raise ConflictError("environment: sub-agents may not delete environments; the operator can")
         return await orchestrator.delete_environment(request.environment, force=request.force)
 
     async def spawn_agent(request: SpawnAgentInput) -> TurnOutcome:
@@ -88,29 +98,40 @@ def register_tools(server: MCPServer[Any], orchestrator: Orchestrator) -> None:
                 permission_mode=request.permission_mode,
                 max_turns=request.max_turns,
             ),
+            parent_session_id=current_caller.get().session_id,
+            subagents=request.subagents,
         )
         return await outcome(session.session_id, 0, request.wait, request.timeout_s)
 
     async def send_message(request: SendMessageInput) -> TurnOutcome:
-        _, index = await orchestrator.send_message(request.session_id, request.text)
+        _, index = await orchestrator.send_message(await reachable(request.session_id), request.text)
         return await outcome(request.session_id, index, request.wait, request.timeout_s)
 
     async def read_events(request: ReadEventsInput) -> EventsPage:
         return await orchestrator.read_events(
-            request.session_id, after=request.after, limit=request.limit, wait_s=request.wait_s, types=request.types
+            await reachable(request.session_id),
+            after=request.after,
+            limit=request.limit,
+            wait_s=request.wait_s,
+            types=request.types,
         )
 
     async def get_session(request: SessionRefInput) -> SessionView:
-        return await orchestrator.get_session(request.session_id)
+        return await orchestrator.get_session(await reachable(request.session_id))
 
     async def list_sessions(request: ListSessionsInput) -> SessionList:
-        return SessionList(sessions=await orchestrator.list_sessions(request.status))
+        sessions = await orchestrator.list_sessions(request.status)
+        caller = current_caller.get()
+        if caller.session_id is not None:
+            mine = set(await orchestrator.lineage.descendants(caller.session_id))
+            sessions = [session for session in sessions if session.session_id in mine]
+        return SessionList(sessions=sessions)
 
     async def interrupt_session(request: SessionRefInput) -> SessionView:
-        return await orchestrator.interrupt(request.session_id)
+        return await orchestrator.interrupt(await reachable(request.session_id))
 
     async def stop_session(request: SessionRefInput) -> SessionView:
-        return await orchestrator.stop_session(request.session_id)
+        return await orchestrator.stop_session(await reachable(request.session_id))
 
     tools: list[tuple[str, str, type[Any], type[Any], Any, ToolAnnotations]] = [
         (
@@ -205,4 +226,5 @@ def register_tools(server: MCPServer[Any], orchestrator: Orchestrator) -> None:
             output_model=output_model,
             handler=handler,
             annotations=hints,
+            call_scope=call_scope,
         )

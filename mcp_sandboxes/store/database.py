@@ -192,6 +192,7 @@ class Database:
             usage=Usage.model_validate_json(row["usage_json"]),
             created_at=row["created_at"],
             updated_at=row["updated_at"],
+            token_sha256=row["token_sha256"],
         )
 
     async def insert_session(self, session: SessionRecord, first_prompt: str) -> None:
@@ -199,8 +200,8 @@ class Database:
         async with self._transaction() as conn:
             await conn.execute(
                 "INSERT INTO sessions (id, environment_id, parent_session_id, backend, agent_json, status,"
-                " sandbox_id, native_session_id, stop_reason, last_error, usage_json, created_at, updated_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " sandbox_id, native_session_id, stop_reason, last_error, usage_json, created_at, updated_at,"
+                " token_sha256) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     session.id,
                     session.environment_id,
@@ -215,6 +216,7 @@ class Database:
                     session.usage.model_dump_json(),
                     session.created_at,
                     session.updated_at,
+                    session.token_sha256,
                 ),
             )
             await conn.execute(
@@ -227,6 +229,16 @@ class Database:
         if not rows:
             raise NotFoundError(f"session_id: no session {session_id!r}; list_sessions shows the ids that exist")
         return self._session(rows[0])
+
+    async def find_session_by_token(self, token_sha256: str) -> SessionRecord | None:
+        rows = await self._fetchall("SELECT * FROM sessions WHERE token_sha256 = ?", (token_sha256,))
+        return self._session(rows[0]) if rows else None
+
+    async def child_sessions(self, parent_session_id: str) -> list[SessionRecord]:
+        rows = await self._fetchall(
+            "SELECT * FROM sessions WHERE parent_session_id = ? ORDER BY created_at, id", (parent_session_id,)
+        )
+        return [self._session(row) for row in rows]
 
     async def list_sessions(
         self, statuses: Iterable[SessionStatus] | None = None, environment_id: str | None = None

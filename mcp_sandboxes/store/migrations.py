@@ -55,4 +55,12 @@ MIGRATIONS: list[tuple[int, str]] = [
         );
         """,
     ),
+    (
+        2,
+        """
+        ALTER TABLE sessions ADD COLUMN token_sha256 TEXT;
+        CREATE UNIQUE INDEX sessions_by_token ON sessions(token_sha256) WHERE token_sha256 IS NOT NULL;
+        CREATE INDEX sessions_by_parent ON sessions(parent_session_id);
+        """,
+    ),
 ]

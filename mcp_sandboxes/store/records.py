@@ -38,6 +38,9 @@ class SessionRecord(BaseModel):
     usage: Usage = Field(default_factory=Usage)
     created_at: str
     updated_at: str
+    token_sha256: str | None = Field(
+        default=None, description="SHA-256 of the bearer token its agent uses to call this server back, if any."
+    )
 
 
 class TurnRecord(BaseModel):
