@@ -10,7 +10,8 @@ if [[ -f /var/run/docker.pid ]] && ! kill -0 "$(cat /var/run/docker.pid)" 2>/dev
   rm -f /var/run/docker.pid
 fi
 ip link delete docker0 >/dev/null 2>&1 || true
-nohup dockerd --bridge=none --iptables=false --ip6tables=false >"$log_dir/dockerd.log" 2>&1 &
+# From /, so the daemon never runs in a directory that may be deleted under it (a CI checkout).
+(cd / && nohup dockerd --bridge=none --iptables=false --ip6tables=false >"$log_dir/dockerd.log" 2>&1 &)
 for _ in $(seq 1 120); do
   if docker version >/dev/null 2>&1; then echo "dockerd up"; exit 0; fi
   sleep 0.5

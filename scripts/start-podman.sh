@@ -44,6 +44,9 @@ EOF
 
 rm -f "$sock"
 (
+  # From /, so the service (and every conmon it starts) never runs in a directory that may be
+  # deleted under it, such as a CI checkout: seen here as "write child: broken pipe" on start.
+  cd /
   ulimit -n "$nofile"
   ulimit -u "$nproc"
   CONTAINERS_CONF="$conf" nohup podman system service --time=0 "unix://$sock" >"$log_dir/podman.log" 2>&1 &
