@@ -42,8 +42,12 @@ def output_pipe_fds(process: Process) -> list[int]:
     fds: list[int] = []
     for number in (1, 2):
         pipe = transport.get_pipe_transport(number)
-        if pipe is not None:
+        if pipe is None or pipe.is_closing():
+            continue
+        try:
             fds.append(pipe.get_extra_info("pipe").fileno())
+        except ValueError:  # closed already: a process that ended at once has nothing left to lose
+            continue
     return fds
 
 
