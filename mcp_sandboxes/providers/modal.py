@@ -28,6 +28,7 @@ MODAL_TOKEN_SECRET, never from tool arguments, and appears in no message or repr
 
 from __future__ import annotations
 
+import logging
 import os
 import signal as _signal
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -38,7 +39,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import anyio
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
-from mcp_sandboxes.errors import InvalidInputError, McpSandboxesError, NotFoundError, ProviderError
+from mcp_sandboxes.errors import InvalidInputError, McpSandboxesError, NotFoundError, ProviderError, SandboxGoneError
 from mcp_sandboxes.providers._cleanup import removed_on_failure
 from mcp_sandboxes.providers._labels import USER_LABEL, WORKDIR_LABEL, owner_labels
 from mcp_sandboxes.providers._modal_errors import TOKEN_HINT, timed_out, translate
@@ -84,6 +85,9 @@ class ModalSettings(BaseModel):
     server_url: str = Field(default=DEFAULT_SERVER_URL, pattern=r"^https?://", description="Modal's API endpoint.")
     app_name: str = Field(default="mcp-sandboxes", min_length=1, max_length=64, description="App sandboxes run in.")
     environment: str | None = Field(default=None, description="Modal environment; default: the workspace's default.")
+    connect_timeout_s: float = Field(
+        default=15.0, gt=0, le=120, description="How long connecting may take (the SDK alone retries for a minute)."
+    )
     timeout_s: int = Field(default=3600, ge=60, le=86_400, description="Sandbox lifetime (Modal's `timeout`).")
 
 
@@ -146,12 +150,26 @@ class ModalProvider:
                 import modal
                 from modal_proto import api_pb2
 
+                # hpack (under grpclib's HTTP/2) logs every header it encodes, the token pair
+                # included, at DEBUG: keep it quiet even when the server logs at DEBUG.
+                hpack_logger = logging.getLogger("hpack")
+                if hpack_logger.getEffectiveLevel() < logging.INFO:
+                    hpack_logger.setLevel(logging.INFO)
                 # Client.from_credentials would take the URL from the global Modal config (or
                 # ~/.modal.toml); a client of our own honours providers.modal.server_url.
                 created = modal.Client(
                     self.settings.server_url, api_pb2.CLIENT_TYPE_CLIENT, (self._token_id, self._token_secret)
                 )
-                await self.call("connecting", created.__aenter__)
+                try:
+                    await self.call(
+                        f"connecting to {self.settings.server_url}",
+                        created.__aenter__,
+                        timeout_s=self.settings.connect_timeout_s,
+                    )
+                except BaseException:
+                    with anyio.CancelScope(shield=True), anyio.move_on_after(CLEANUP_TIMEOUT_S):
+                        await created.close.aio()
+                    raise
                 self._client = created
             return self._client
 
@@ -258,16 +276,13 @@ class ModalProvider:
         return ModalSandbox(self, handle, workdir=tags.get(WORKDIR_LABEL), user=tags.get(USER_LABEL))
 
     async def destroy(self, sandbox_id: str) -> None:
-        from modal import exception as modal_errors
-
         handle = await self._lookup(sandbox_id)
         if handle is None:
             return
         try:
-            await self.call("terminating a sandbox", handle.terminate.aio)
-        except ProviderError as exc:
-            if not isinstance(exc.__context__, modal_errors.NotFoundError):
-                raise
+            await self.call("terminating a sandbox", handle.terminate.aio, sandbox_id=sandbox_id)
+        except SandboxGoneError:
+            pass  # it ended between the lookup and the terminate: what destroy wanted
 
     async def list_owned(self) -> list[str]:
         import modal

@@ -16,7 +16,8 @@ the grpclib bases in modal_proto/*_grpc.py), and the calls modal==1.6.4 makes wi
   timeout; env as inline secret sources; tags), `SandboxGetTaskIdV2`, `SandboxWaitV2`
   (`timeout=0` is a lookup; NOT_FOUND for an unknown id), `SandboxListV2` (running ones,
   filtered by app and by tags, paginated by `before_timestamp`), `SandboxTagsGetV2`,
-  `SandboxTerminateV2`, `SandboxGetCommandRouterAccess` (the router URL, plain http on
+  `SandboxTerminateV2`, `SandboxGetCommandRouterAccess`; `SandboxWait` (V1 lookup: NOT_FOUND,
+  only V2 sandboxes exist here) (the router URL, plain http on
   loopback as the SDK allows only for localhost, and a per-task JWT).
 - TaskCommandRouter (`authorization: Bearer <task JWT>`): `TaskExecStart`,
   `TaskExecStdioRead` (server stream from a byte offset until the stream's end),
@@ -193,9 +194,9 @@ class ModalStandIn:
 
     async def close(self) -> None:
         for sandbox in list(self.sandboxes.values()):
-            await self._stop(sandbox)
+            await self.stop_sandbox(sandbox)
 
-    async def _stop(self, sandbox: StandInSandbox) -> None:
+    async def stop_sandbox(self, sandbox: StandInSandbox) -> None:
         if sandbox.running:
             sandbox.result = api_pb2.GenericResult(status=api_pb2.GenericResult.GENERIC_STATUS_TERMINATED)
             await sandbox.machine.destroy()
@@ -341,6 +342,14 @@ class ModalStandIn:
             response.result.CopyFrom(sandbox.result)
         await stream.send_message(response)
 
+    async def SandboxWait(self, stream: Stream[api_pb2.SandboxWaitRequest, api_pb2.SandboxWaitResponse]) -> None:
+        """The V1 lookup the SDK uses for ids shaped like V1 ones ("sb-" + 22 characters):
+        this stand-in only makes V2 sandboxes, so no V1 sandbox exists."""
+        request = await stream.recv_message()
+        assert request is not None
+        self._control(stream, "SandboxWait", request)
+        raise GRPCError(Status.NOT_FOUND, f"Sandbox {request.sandbox_id} not found")
+
     async def SandboxListV2(self, stream: Stream[api_pb2.SandboxListRequest, api_pb2.SandboxListResponse]) -> None:
         request = await stream.recv_message()
         assert request is not None
@@ -387,7 +396,7 @@ class ModalStandIn:
         request = await stream.recv_message()
         assert request is not None
         self._control(stream, "SandboxTerminateV2", request, jwt=True)
-        await self._stop(self._sandbox(request.sandbox_id))
+        await self.stop_sandbox(self._sandbox(request.sandbox_id))
         await stream.send_message(api_pb2.SandboxTerminateResponse())
 
     # -- task command router ----------------------------------------------------------
@@ -587,6 +596,14 @@ class ModalServer:
         self._thread.start()
         if not self._ready.wait(START_TIMEOUT_S):
             raise RuntimeError(f"the Modal stand-in did not start within {START_TIMEOUT_S} s")
+
+    def vanish(self, sandbox_id: str) -> None:
+        """Test hook: the sandbox ends behind the client's back (as when Modal's timeout hits)."""
+        if self._loop is None:
+            raise RuntimeError("the Modal stand-in is not running")
+        sandbox = self.stand_in.sandboxes[sandbox_id]
+        stopped = asyncio.run_coroutine_threadsafe(self.stand_in.stop_sandbox(sandbox), self._loop)
+        stopped.result(STOP_TIMEOUT_S)
 
     def stop(self) -> None:
         if self._loop is not None:
