@@ -246,13 +246,9 @@ class LoopbackServer:
 def require_bwrap() -> None:
     """The stand-ins run commands under bwrap: without it their tests fail (CI installs it),
     unless MCP_SANDBOXES_ALLOW_UNAVAILABLE=1 asks to skip what cannot run."""
-    import os
-
-    import pytest
+    from tests.conftest import unavailable
 
     reason = bwrap_available()
     if reason is None:
         return
-    if os.environ.get("MCP_SANDBOXES_ALLOW_UNAVAILABLE") == "1":
-        pytest.skip(reason)
-    pytest.fail(reason)
+    unavailable(reason)

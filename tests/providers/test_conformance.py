@@ -36,13 +36,13 @@ from mcp_sandboxes.providers.base import (
     Sandbox,
     SandboxSpec,
 )
+from tests.conftest import unavailable
 from tests.providers.targets import ConformanceTarget, discover_targets
 
 TARGETS = discover_targets()
 LIMIT_CASES = [
     pytest.param(target, limit, id=f"{target.name}-{limit}") for target in TARGETS for limit in sorted(target.enforces)
 ]
-ALLOW_UNAVAILABLE = "MCP_SANDBOXES_ALLOW_UNAVAILABLE"
 
 CREATE_S = 60.0
 DESTROY_S = 30.0
@@ -55,9 +55,7 @@ def require_available(target: ConformanceTarget) -> None:
     reason = target.available()
     if reason is None:
         return
-    if os.environ.get(ALLOW_UNAVAILABLE) == "1":
-        pytest.skip(f"{target.name} cannot run here: {reason}")
-    pytest.fail(f"{target.name} cannot run here: {reason} (set {ALLOW_UNAVAILABLE}=1 to skip instead)")
+    unavailable(f"{target.name} cannot run here: {reason}")
 
 
 @pytest.fixture(params=TARGETS, ids=lambda target: target.name)

@@ -5,7 +5,6 @@ a second overlay mount, no --user on run, no pids flag)."""
 
 from __future__ import annotations
 
-import os
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -28,7 +27,7 @@ from mcp_sandboxes.providers.containerd import (
 )
 from mcp_sandboxes.providers.docker import DockerProvider
 from mcp_sandboxes.providers.registry import build_provider
-from tests.conftest import BASE_IMAGE, BUSYBOX_IMAGE
+from tests.conftest import BASE_IMAGE, BUSYBOX_IMAGE, unavailable
 from tests.providers.targets.containerd import probe_containerd
 
 STEP_S = 30.0
@@ -40,9 +39,7 @@ def require(image: str) -> None:
     reason = probe_containerd(image)
     if reason is None:
         return
-    if os.environ.get("MCP_SANDBOXES_ALLOW_UNAVAILABLE") == "1":
-        pytest.skip(reason)
-    pytest.fail(reason)
+    unavailable(reason)
 
 
 @pytest.fixture
