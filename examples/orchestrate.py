@@ -3,6 +3,8 @@ Docker, follow its events, continue the conversation, print the transcript, stop
 
 Run against a server started with `scripts/serve --transport http --port 8765`:
     .venv/bin/python examples/orchestrate.py http://127.0.0.1:8765/mcp
+The server requires its operator token: MCP_SANDBOXES_AUTH_TOKEN when set, else the one it keeps in
+its data directory (`mcp-sandboxes token` prints it), which this example reads the same way.
 """
 
 from __future__ import annotations
@@ -10,11 +12,24 @@ from __future__ import annotations
 import sys
 
 import anyio
+import httpx2
 from mcp import Client
+from mcp.client.streamable_http import streamable_http_client
+
+from mcp_sandboxes.config import load_settings
+
+
+def operator_token() -> str:
+    server = load_settings().server
+    return server.auth_token or server.operator_token_path.read_text("utf-8").strip()
 
 
 async def main(url: str) -> None:
-    async with Client(url) as client:
+    headers = {"Authorization": f"Bearer {operator_token()}"}
+    async with (
+        httpx2.AsyncClient(headers=headers, timeout=120) as http,
+        Client(streamable_http_client(url, http_client=http)) as client,
+    ):
         await client.call_tool(
             "create_environment", {"name": "example", "image": "mcp-sandboxes/base:latest", "network": "host"}
         )

@@ -28,6 +28,11 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", help="TOML file overriding the embedded defaults")
     serve.add_argument("--log-level", default=os.environ.get("MCP_SANDBOXES_LOG_LEVEL", "WARNING"))
 
+    token = commands.add_parser(
+        "token", help="print the operator token the HTTP transport requires (made on first use)"
+    )
+    token.add_argument("--config", help="TOML file overriding the embedded defaults")
+
     doctor = commands.add_parser("doctor", help="report which providers and agent CLIs are usable here")
     doctor.add_argument("--config", help="TOML file overriding the embedded defaults")
     doctor.add_argument("--json", action="store_true", help="machine-readable output")
@@ -60,6 +65,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         except KeyboardInterrupt:
             return 130
         except McpSandboxesError as exc:
+            sys.stderr.write(f"mcp-sandboxes: {exc}\n")
+            return 1
+        return 0
+    if args.command == "token":
+        from mcp_sandboxes.server.auth import load_or_create_operator_token
+
+        if settings.server.auth_token:
+            sys.stdout.write(settings.server.auth_token + "\n")
+            return 0
+        try:
+            sys.stdout.write(load_or_create_operator_token(settings.server.operator_token_path) + "\n")
+        except (McpSandboxesError, OSError) as exc:
             sys.stderr.write(f"mcp-sandboxes: {exc}\n")
             return 1
         return 0

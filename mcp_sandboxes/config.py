@@ -7,7 +7,7 @@ import os
 import tomllib
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -28,6 +28,16 @@ class ServerSettings(BaseModel):
     auth_token: str | None = Field(
         default=None, description="When set, the HTTP transport requires `Authorization: Bearer <token>`."
     )
+    operator_auth: Literal["token", "none"] = Field(
+        default="token",
+        description="'token': the HTTP transport always requires the operator's bearer token; without"
+        " auth_token the server makes one and keeps it in <data_dir>/operator-token (mode 0600). 'none': no"
+        " token on loopback; then no sandbox may use the host network, since it could call in as the operator.",
+    )
+
+    @property
+    def operator_token_path(self) -> Path:
+        return self.data_dir.expanduser() / "operator-token"
 
 
 class SubagentSettings(BaseModel):
@@ -40,8 +50,28 @@ class SubagentSettings(BaseModel):
     )
     url: str = Field(
         default="",
-        description="The MCP endpoint sandboxed agents call back. Empty: over HTTP, this server's own loopback"
-        " address; over stdio, a loopback listener started for them alone.",
+        description="The MCP endpoint sandboxed agents call back. Empty: the agent listener's own loopback address.",
+    )
+    port: int = Field(
+        default=0,
+        ge=0,
+        le=65535,
+        description="Port of the agent listener (loopback; admits sub-agent tokens only). 0: a free port.",
+    )
+    allowed_providers: list[str] = Field(
+        default_factory=list,
+        description="Providers an agent may create environments on or spawn into. Empty: only the provider"
+        " of the agent's own environment.",
+    )
+    allowed_images: list[str] = Field(
+        default_factory=list,
+        description="Images (shell-style patterns, e.g. 'mcp-sandboxes/*') an agent may use. Empty: only the"
+        " image of the agent's own environment.",
+    )
+    allow_unsandboxed: bool = Field(
+        default=False,
+        description="Let agents use sandboxes that run on the host itself (provider 'process', or bubblewrap"
+        " over the host's root '/'). Off: never, whatever the lists above say.",
     )
 
 

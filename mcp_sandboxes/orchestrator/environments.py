@@ -8,9 +8,11 @@ import uuid
 from pydantic import BaseModel, ConfigDict, Field
 
 from mcp_sandboxes.errors import ConflictError, InvalidInputError, NotFoundError
+from mcp_sandboxes.orchestrator.access import AgentAccess
 from mcp_sandboxes.orchestrator.providers import ProviderPool
 from mcp_sandboxes.orchestrator.views import EnvironmentView
 from mcp_sandboxes.providers.base import NetworkMode, ResourceLimits, SandboxSpec
+from mcp_sandboxes.redaction import looks_like_secret_name, looks_like_secret_value
 from mcp_sandboxes.store import Database, EnvironmentRecord
 from mcp_sandboxes.store.database import utc_now
 from mcp_sandboxes.store.records import LIVE_STATUSES
@@ -33,20 +35,37 @@ class EnvironmentRequest(BaseModel):
 
 
 class EnvironmentService:
-    def __init__(self, db: Database, providers: ProviderPool) -> None:
+    def __init__(self, db: Database, providers: ProviderPool, access: AgentAccess) -> None:
         self._db = db
         self._providers = providers
+        self._access = access
+        # Set by the server when a host-network sandbox could call in as the operator (an operator
+        # endpoint without a token): then no environment may use the host network.
+        self.host_network_refusal: str | None = None
 
-    async def create(self, request: EnvironmentRequest) -> EnvironmentView:
+    def check_network(self, network: str) -> None:
+        if network == "host" and self.host_network_refusal is not None:
+            raise InvalidInputError("network", self.host_network_refusal)
+
+    async def create(self, request: EnvironmentRequest, *, created_by_session: str | None = None) -> EnvironmentView:
+        """`created_by_session`: the agent asking, confined to what its own environment allows."""
         if not NAME_PATTERN.match(request.name):
             raise InvalidInputError(
                 "name", "use 1-63 letters, digits, '.', '_' or '-', starting with a letter or digit"
             )
         if not request.workdir.startswith("/"):
             raise InvalidInputError("workdir", f"{request.workdir!r} is not an absolute path; use e.g. /workspace")
-        for key in request.env:
+        for key, value in request.env.items():
             if not ENV_KEY_PATTERN.match(key):
                 raise InvalidInputError(f"env.{key}", "not a valid variable name (letters, digits, '_')")
+            if looks_like_secret_name(key) or looks_like_secret_value(value):
+                raise InvalidInputError(
+                    f"env.{key}",
+                    "looks like a credential; environments are stored and shown, so secrets may not go here."
+                    " Set it in the server's own environment and name it in backends.<backend>.pass_env"
+                    " (API keys), or pass it to the agent some other way",
+                )
+        self.check_network(request.network)
         for index, command in enumerate(request.setup_commands):
             if not command.strip():
                 raise InvalidInputError(f"setup_commands[{index}]", "empty command; remove it")
@@ -69,6 +88,8 @@ class EnvironmentService:
             network=request.network,
             limits=request.limits,
         )
+        if created_by_session is not None:
+            spec = await self._access.confine(created_by_session, request.provider, spec)
         await self._providers.validate_spec(request.provider, spec)
         record = EnvironmentRecord(
             id=f"env_{uuid.uuid4().hex[:16]}",
@@ -77,13 +98,14 @@ class EnvironmentService:
             spec=spec,
             setup_commands=request.setup_commands,
             created_at=utc_now(),
+            created_by_session=created_by_session,
         )
         await self._db.insert_environment(record)
         return await self.view(record)
 
     async def get(self, id_or_name: str) -> EnvironmentRecord:
         record = await self._db.find_environment(id_or_name)
-        if record is None:
+        if record is None or record.deleted_at is not None:
             raise NotFoundError(
                 f"environment: no environment {id_or_name!r}; list_environments shows the ones that exist,"
                 " create_environment makes one"

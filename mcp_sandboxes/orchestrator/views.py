@@ -20,7 +20,10 @@ class EnvironmentView(BaseModel):
     limits: ResourceLimits
     env_keys: list[str] = Field(description="Names of the environment variables set (values are not echoed).")
     setup_commands: list[str]
-    state: str = Field(description="'ready' when its provider is reachable, else 'unavailable'.")
+    state: str = Field(
+        description="'ready' when its provider is reachable, else 'unavailable';"
+        " 'deleted' in delete_environment's answer."
+    )
     state_detail: str | None = None
     live_sessions: int
     created_at: str

@@ -164,6 +164,15 @@ class BubblewrapProvider:
     def from_settings(cls, settings: Mapping[str, Any]) -> BubblewrapProvider:
         return cls(validated(BubblewrapSettings, settings, PROVIDER_NAME))
 
+    def exposes_host(self, spec: SandboxSpec) -> bool:
+        """Whether the sandbox would see the host's own root (read-only, yet with every file the
+        server's user may read): no boundary for an agent's reads."""
+        try:
+            root = rootfs.resolve_image(spec.image, default_rootfs=self.settings.rootfs, images=self.settings.images)
+        except McpSandboxesError:
+            return False
+        return root.path == "/"
+
     # -- engine --------------------------------------------------------------------------
 
     def bwrap(self) -> str:

@@ -97,6 +97,10 @@ class ProcessProvider:
     def from_settings(cls, settings: Mapping[str, Any]) -> ProcessProvider:
         return cls(validated(ProcessSettings, settings, PROVIDER_NAME))
 
+    def exposes_host(self, spec: SandboxSpec) -> bool:
+        """Always: a process sandbox is the host, as the server's own user."""
+        return True
+
     async def check(self) -> Availability:
         logger.warning("%s", NO_ISOLATION)
         return Availability(provider=PROVIDER_NAME, available=True, reason=NO_ISOLATION)

@@ -12,8 +12,14 @@ from mcp.server.subscriptions import InMemorySubscriptionBus
 
 from mcp_sandboxes import __version__
 from mcp_sandboxes.config import Settings
+from mcp_sandboxes.errors import McpSandboxesError
 from mcp_sandboxes.orchestrator import Orchestrator
-from mcp_sandboxes.server.auth import Admission, BearerTokenMiddleware, CallerIdentity
+from mcp_sandboxes.server.auth import (
+    Admission,
+    BearerTokenMiddleware,
+    CallerIdentity,
+    load_or_create_operator_token,
+)
 from mcp_sandboxes.server.resources import ResourceNotifier, SandboxesMCPServer, register_resources
 from mcp_sandboxes.server.tools import register_tools
 
@@ -52,28 +58,36 @@ async def serve(
     port: int = 8765,
     auth_token: str | None = None,
 ) -> None:
+    """Two kinds of caller, two doors. The operator: stdin/stdout, or the HTTP endpoint, which
+    needs the operator token (the configured one, or one the server makes and keeps in the data
+    directory). Agents: a loopback listener of their own that admits live sessions' tokens only,
+    so no process in a sandbox, even on the host network, can act as the operator."""
     async with Orchestrator(settings).running() as orchestrator, anyio.create_task_group() as task_group:
-        identity = CallerIdentity(orchestrator.lineage, auth_token)
+        operator_token = auth_token
+        if transport == "http" and operator_token is None and settings.server.operator_auth == "token":
+            operator_token = load_or_create_operator_token(settings.server.operator_token_path)
+            logger.warning(
+                "the operator token is in %s (`mcp-sandboxes token` prints it); send it as Authorization: Bearer",
+                settings.server.operator_token_path,
+            )
+        if transport == "http" and operator_token is None:
+            orchestrator.environments.host_network_refusal = (
+                "this server's HTTP endpoint takes no token (server.operator_auth = 'none'), so a sandbox on the"
+                " host network could call it as the operator; use network 'none', or serve with a token"
+            )
+        if operator_token is not None:
+            orchestrator.extra_secrets.append(operator_token)
+        identity = CallerIdentity(orchestrator.lineage, operator_token)
         server, notifier = build_server(orchestrator, identity)
         task_group.start_soon(notifier.run, orchestrator)
+        if settings.subagents.max_depth > 0:
+            url = await task_group.start(_serve_agents_listener, server, identity, settings.subagents.port)
+            orchestrator.subagent_url = settings.subagents.url or url
         if transport == "stdio":
-            if settings.subagents.max_depth > 0:
-                url = await task_group.start(_serve_agents_listener, server, identity)
-                orchestrator.subagent_url = settings.subagents.url or url
             await server.run_stdio_async()
         else:
-            orchestrator.subagent_url = settings.subagents.url or f"http://{_loopback_for(host)}:{port}/mcp"
-            await _serve_http(server, host=host, port=port, admit=identity.admit_anyone_known)
+            await _serve_http(server, host=host, port=port, admit=identity.admit_operator_only)
         task_group.cancel_scope.cancel()
-
-
-def _loopback_for(host: str) -> str:
-    """The address a host-network sandbox uses to reach a server bound to `host`."""
-    if host in ("0.0.0.0", "localhost", ""):
-        return "127.0.0.1"
-    if host == "::":
-        return "[::1]"
-    return f"[{host}]" if ":" in host else host
 
 
 async def _serve_http(
@@ -95,14 +109,21 @@ async def _serve_http(
 async def _serve_agents_listener(
     server: SandboxesMCPServer,
     identity: CallerIdentity,
+    port: int = 0,
     *,
     task_status: anyio.abc.TaskStatus[str] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Over stdio, sandboxed agents still need an HTTP endpoint to call back: a loopback
-    listener on a free port that admits sub-agent tokens and nothing else."""
+    """Sandboxed agents call back on a loopback listener of their own (`port`, 0 for a free
+    one) that admits sub-agent tokens and nothing else."""
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    listener.bind(("127.0.0.1", 0))
+    try:
+        listener.bind(("127.0.0.1", port))
+    except OSError as exc:
+        listener.close()
+        raise McpSandboxesError(
+            f"subagents.port: cannot listen on 127.0.0.1:{port} ({exc.strerror}); pick a free port or 0"
+        ) from exc
     listener.listen(AGENT_LISTENER_BACKLOG)
     port = listener.getsockname()[1]
     logger.info("sub-agents call back on http://127.0.0.1:%d/mcp", port)

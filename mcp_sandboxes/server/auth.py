@@ -4,16 +4,21 @@ who the caller is (the operator, or an agent acting as its session)."""
 from __future__ import annotations
 
 import hmac
+import os
+import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from mcp_sandboxes.errors import McpSandboxesError
 from mcp_sandboxes.orchestrator.subagents import OPERATOR, Caller, Lineage, current_caller
+from mcp_sandboxes.store.database import make_private_dir
 
 BEARER = "Bearer "
+OPERATOR_TOKEN_BYTES = 32
 # Given the Authorization header's value ("" when absent), whether the request may go on.
 Admission = Callable[[str], Awaitable[bool]]
 
@@ -66,11 +71,13 @@ class CallerIdentity:
             return OPERATOR
         return await self._lineage.caller_for_token(token)
 
-    async def admit_anyone_known(self, authorization: str) -> bool:
-        return await self.caller(authorization) is not None
+    async def admit_operator_only(self, authorization: str) -> bool:
+        """For the operator's HTTP endpoint: agents never call it, they have a listener of their own."""
+        caller = await self.caller(authorization)
+        return caller is not None and not caller.is_agent
 
     async def admit_agents_only(self, authorization: str) -> bool:
-        """For the listener that exists only for sandboxed agents (serving over stdio)."""
+        """For the listener that exists only for sandboxed agents (a live session's token)."""
         caller = await self.caller(authorization) if authorization else None
         return caller is not None and caller.is_agent
 
@@ -88,3 +95,24 @@ class CallerIdentity:
             yield
         finally:
             current_caller.reset(reset)
+
+
+def load_or_create_operator_token(path: Path) -> str:
+    """The operator token kept at `path` (mode 0600, in a 0700 directory), made on first use.
+    A sandbox on the host network shares the host's loopback, so "loopback only" is no
+    credential: the operator's endpoint always needs a token the sandboxes do not have."""
+    make_private_dir(path.parent)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        path.chmod(0o600)
+        token = path.read_text("utf-8").strip()
+        if len(token) >= 16:
+            return token
+        raise McpSandboxesError(
+            f"{path}: the operator token file is empty or too short; delete it and restart to make a new one"
+        ) from None
+    token = secrets.token_urlsafe(OPERATOR_TOKEN_BYTES)
+    with os.fdopen(fd, "w", encoding="utf-8") as file:
+        file.write(token + "\n")
+    return token

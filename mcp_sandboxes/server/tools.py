@@ -65,17 +65,25 @@ def register_tools(server: MCPServer[Any], orchestrator: Orchestrator, call_scop
         )
 
     async def create_environment(request: CreateEnvironmentInput) -> EnvironmentView:
+        caller = current_caller.get()
+        provider = request.provider
+        image = request.image
+        if caller.session_id is not None:
+            # An agent's defaults are its own environment's, not the server's.
+            own = await orchestrator.access.own_environment(caller.session_id)
+            provider, image = provider or own.provider, image or own.spec.image
         return await orchestrator.create_environment(
             EnvironmentRequest(
                 name=request.name,
-                provider=request.provider or settings.default_provider,
-                image=request.image or settings.default_image,
+                provider=provider or settings.default_provider,
+                image=image or settings.default_image,
                 env=request.env,
                 workdir=request.workdir,
                 network=request.network,
                 limits=ResourceLimits(cpus=request.cpus, memory_mb=request.memory_mb, pids=request.pids_limit),
                 setup_commands=request.setup_commands,
-            )
+            ),
+            caller_session_id=caller.session_id,
         )
 
     async def list_environments(request: NoInput) -> EnvironmentList:
@@ -84,7 +92,7 @@ def register_tools(server: MCPServer[Any], orchestrator: Orchestrator, call_scop
     async def delete_environment(request: DeleteEnvironmentInput) -> EnvironmentView:
         if current_caller.get().is_agent:
             raise ConflictError("environment: sub-agents may not delete environments; the operator can")
-        return await orchestrator.delete_environment(request.environment, force=request.force)
+        return await orchestrator.delete_environment(request.environment, force=request.force, purge=request.purge)
 
     async def spawn_agent(request: SpawnAgentInput) -> TurnOutcome:
         session = await orchestrator.spawn_agent(
@@ -137,7 +145,8 @@ def register_tools(server: MCPServer[Any], orchestrator: Orchestrator, call_scop
         (
             "create_environment",
             "Create a named sandbox environment (provider, image, env vars, network, limits, setup commands)."
-            " Each agent session gets its own sandbox made from it.",
+            " Each agent session gets its own sandbox made from it. A sub-agent may only use the providers,"
+            " images, network and limits its own environment allows (defaults: its own).",
             CreateEnvironmentInput,
             EnvironmentView,
             create_environment,
@@ -153,7 +162,9 @@ def register_tools(server: MCPServer[Any], orchestrator: Orchestrator, call_scop
         ),
         (
             "delete_environment",
-            "Delete an environment. Refuses while live sessions use it unless force=true (which stops them).",
+            "Delete an environment. Refuses while live sessions use it unless force=true (which stops them)."
+            " Its sessions' history (events, transcripts, get_session) stays readable unless purge=true."
+            " Operator only: sub-agents may not delete environments.",
             DeleteEnvironmentInput,
             EnvironmentView,
             delete_environment,

@@ -7,6 +7,7 @@ every write goes through `_transaction()`, which holds a lock for its whole leng
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
@@ -24,6 +25,7 @@ from mcp_sandboxes.events import EVENT_ADAPTER, Event, Usage
 from mcp_sandboxes.providers.base import SandboxSpec
 from mcp_sandboxes.store.migrations import MIGRATIONS
 from mcp_sandboxes.store.records import (
+    LIVE_STATUSES,
     EnvironmentRecord,
     EventRecord,
     SessionRecord,
@@ -41,6 +43,12 @@ def utc_now() -> str:
 
 class StoreError(McpSandboxesError):
     pass
+
+
+def make_private_dir(path: Path) -> None:
+    """Create `path` (and parents) and make it 0700: the data directory is the operator's alone."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path.chmod(0o700)
 
 
 class Database:
@@ -63,18 +71,33 @@ class Database:
     async def open(self) -> None:
         if self._conn is not None:
             raise StoreError("database already open")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        make_private_dir(self.path.parent)
+        # The database holds prompts, transcripts and token hashes: readable by its owner only,
+        # including the WAL and shared-memory files SQLite creates beside it.
+        old_umask = os.umask(0o077)
         try:
             conn = await aiosqlite.connect(self.path, isolation_level=None)
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open database {self.path}: {exc}; check the data_dir setting") from exc
+        finally:
+            os.umask(old_umask)
         conn.row_factory = aiosqlite.Row
         await conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         await conn.execute("PRAGMA journal_mode = WAL")
-        await conn.execute("PRAGMA foreign_keys = ON")
         await conn.execute("PRAGMA synchronous = NORMAL")
         self._conn = conn
+        # Migrations that rebuild a table run with foreign keys off (they cannot be switched
+        # inside a transaction), and are checked before the keys go back on.
+        await conn.execute("PRAGMA foreign_keys = OFF")
         await self._migrate()
+        broken = list(await conn.execute_fetchall("PRAGMA foreign_key_check"))
+        if broken:
+            raise StoreError(f"database {self.path} has broken references after migrating: {broken[:3]}")
+        await conn.execute("PRAGMA foreign_keys = ON")
+        for suffix in ("", "-wal", "-shm"):
+            sidecar = self.path.with_name(self.path.name + suffix)
+            if sidecar.exists():
+                sidecar.chmod(0o600)
 
     async def aclose(self) -> None:
         if self._conn is not None:
@@ -133,8 +156,8 @@ class Database:
         try:
             async with self._transaction() as conn:
                 await conn.execute(
-                    "INSERT INTO environments (id, name, provider, spec_json, setup_commands_json, created_at)"
-                    " VALUES (?, ?, ?, ?, ?, ?)",
+                    "INSERT INTO environments (id, name, provider, spec_json, setup_commands_json, created_at,"
+                    " created_by_session) VALUES (?, ?, ?, ?, ?, ?, ?)",
                     (
                         env.id,
                         env.name,
@@ -142,6 +165,7 @@ class Database:
                         env.spec.model_dump_json(),
                         json.dumps(env.setup_commands),
                         env.created_at,
+                        env.created_by_session,
                     ),
                 )
         except sqlite3.IntegrityError as exc:
@@ -158,19 +182,40 @@ class Database:
             spec=SandboxSpec.model_validate_json(row["spec_json"]),
             setup_commands=json.loads(row["setup_commands_json"]),
             created_at=row["created_at"],
+            created_by_session=row["created_by_session"],
+            deleted_at=row["deleted_at"],
         )
 
     async def find_environment(self, id_or_name: str) -> EnvironmentRecord | None:
-        rows = await self._fetchall("SELECT * FROM environments WHERE id = ? OR name = ?", (id_or_name, id_or_name))
+        """By id, also a deleted one (its sessions' history still names it); by name, only a
+        live one (a deleted environment's name is free again)."""
+        rows = await self._fetchall(
+            "SELECT * FROM environments WHERE id = ? OR (name = ? AND deleted_at IS NULL)"
+            " ORDER BY deleted_at IS NULL DESC",
+            (id_or_name, id_or_name),
+        )
         return self._environment(rows[0]) if rows else None
 
     async def list_environments(self) -> list[EnvironmentRecord]:
-        rows = await self._fetchall("SELECT * FROM environments ORDER BY created_at, id")
+        rows = await self._fetchall("SELECT * FROM environments WHERE deleted_at IS NULL ORDER BY created_at, id")
         return [self._environment(row) for row in rows]
 
-    async def delete_environment(self, env_id: str) -> None:
+    async def delete_environment(self, env_id: str, *, purge: bool = False) -> None:
+        """Mark the environment deleted; its sessions, turns and events stay readable. With
+        `purge`, remove those sessions and their history too (sub-agents they spawned in other
+        environments stay, as top-level sessions). Callers stop live sessions first."""
         async with self._transaction() as conn:
-            # Finished sessions keep no claim on the environment once it is deleted.
+            if not purge:
+                await conn.execute(
+                    "UPDATE environments SET deleted_at = ? WHERE id = ? AND deleted_at IS NULL", (utc_now(), env_id)
+                )
+                return
+            await conn.execute(
+                "UPDATE sessions SET parent_session_id = NULL WHERE environment_id != ? AND parent_session_id IN"
+                " (SELECT id FROM sessions WHERE environment_id = ?)",
+                (env_id, env_id),
+            )
+            # Turns and events go with their sessions (ON DELETE CASCADE).
             await conn.execute("DELETE FROM sessions WHERE environment_id = ?", (env_id,))
             await conn.execute("DELETE FROM environments WHERE id = ?", (env_id,))
 
@@ -231,7 +276,11 @@ class Database:
         return self._session(rows[0])
 
     async def find_session_by_token(self, token_sha256: str) -> SessionRecord | None:
-        rows = await self._fetchall("SELECT * FROM sessions WHERE token_sha256 = ?", (token_sha256,))
+        """The live session a sub-agent token belongs to: a token dies with its session."""
+        live = ", ".join(f"'{status}'" for status in sorted(LIVE_STATUSES))
+        rows = await self._fetchall(
+            f"SELECT * FROM sessions WHERE token_sha256 = ? AND status IN ({live})", (token_sha256,)
+        )
         return self._session(rows[0]) if rows else None
 
     async def child_sessions(self, parent_session_id: str) -> list[SessionRecord]:

@@ -63,4 +63,29 @@ MIGRATIONS: list[tuple[int, str]] = [
         CREATE INDEX sessions_by_parent ON sessions(parent_session_id);
         """,
     ),
+    (
+        3,
+        # Deleting an environment keeps its sessions' history readable: the row stays, marked
+        # deleted, and only live environments need a unique name. Who made it (an agent's session,
+        # or NULL for the operator) decides how much of a failing setup command's output is shown.
+        # SQLite cannot drop a UNIQUE constraint in place, hence the rebuild (run with foreign keys
+        # off, then checked, as SQLite's ALTER TABLE documentation prescribes).
+        """
+        CREATE TABLE environments_v3 (
+            id TEXT PRIMARY KEY,
+            name TEXT NOT NULL,
+            provider TEXT NOT NULL,
+            spec_json TEXT NOT NULL,
+            setup_commands_json TEXT NOT NULL,
+            created_at TEXT NOT NULL,
+            created_by_session TEXT,
+            deleted_at TEXT
+        );
+        INSERT INTO environments_v3 (id, name, provider, spec_json, setup_commands_json, created_at)
+            SELECT id, name, provider, spec_json, setup_commands_json, created_at FROM environments;
+        DROP TABLE environments;
+        ALTER TABLE environments_v3 RENAME TO environments;
+        CREATE UNIQUE INDEX environments_live_name ON environments(name) WHERE deleted_at IS NULL;
+        """,
+    ),
 ]

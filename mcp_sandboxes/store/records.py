@@ -22,6 +22,9 @@ class EnvironmentRecord(BaseModel):
     spec: SandboxSpec
     setup_commands: list[str] = Field(default_factory=list)
     created_at: str
+    # The session of the agent that created it; None when the operator did.
+    created_by_session: str | None = None
+    deleted_at: str | None = None
 
 
 class SessionRecord(BaseModel):

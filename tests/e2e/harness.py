@@ -15,8 +15,10 @@ from typing import Any, Literal
 
 import anyio
 import httpx
+import httpx2
 from mcp import Client
 from mcp.client.stdio import StdioServerParameters
+from mcp.client.streamable_http import streamable_http_client
 from mcp_types import CallToolResult, TextContent
 
 from tests.conftest import ROOT
@@ -118,7 +120,11 @@ async def mcp_server(
                     break
                 except httpx.TransportError:
                     await anyio.sleep(0.1)
-        async with Client(url, mode=mode, message_handler=message_handler) as client:
+        token = operator_token(environment)
+        async with (
+            httpx2.AsyncClient(headers={"Authorization": f"Bearer {token}"}, timeout=CALL_TIMEOUT_S) as http,
+            Client(streamable_http_client(url, http_client=http), mode=mode, message_handler=message_handler) as client,
+        ):
             yield McpSession(client, transport)
     finally:
         with anyio.CancelScope(shield=True):
@@ -129,6 +135,15 @@ async def mcp_server(
                 process.kill()
                 await process.wait()
             await process.aclose()
+
+
+def operator_token(environment: Mapping[str, str]) -> str:
+    """The token the HTTP server requires of its operator: the configured one, or the one it made
+    in its data directory at start-up."""
+    configured = environment.get("MCP_SANDBOXES_AUTH_TOKEN")
+    if configured:
+        return configured
+    return (Path(environment["MCP_SANDBOXES_DATA_DIR"]) / "operator-token").read_text("utf-8").strip()
 
 
 def docker_json(*args: str) -> Any:

@@ -45,7 +45,7 @@ async def test_the_example_orchestrates_a_sub_agent_over_http(tmp_path: Path, cl
                 example = await anyio.run_process(
                     [sys.executable, "examples/orchestrate.py", f"http://127.0.0.1:{port}/mcp"],
                     cwd=str(ROOT),
-                    env={**os.environ, "PYTHONPATH": str(ROOT)},
+                    env={**os.environ, "PYTHONPATH": str(ROOT), "MCP_SANDBOXES_DATA_DIR": str(tmp_path / "data")},
                     check=False,
                 )
             finally:

@@ -1,0 +1,43 @@
+"""Recognising and hiding credentials: names and values that look like secrets, and the
+redaction of known secret values (and secret-shaped strings) in text shown to a caller."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+MARKER = "[redacted]"
+# Values shorter than this are not replaced even when known: "1" or "true" would wreck any text.
+MIN_SECRET_LENGTH = 8
+
+# A variable name says it holds a credential: ..._API_KEY, ..._TOKEN, ..._SECRET, PASSWORD, ...
+SECRET_NAME = re.compile(
+    r"(?:^|_)(?:API_?KEY|ACCESS_?KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIALS?|PRIVATE_?KEY|AUTH)(?:$|_)",
+    re.IGNORECASE,
+)
+
+# Published shapes of common credentials.
+SECRET_VALUE = re.compile(
+    r"sk-[A-Za-z0-9_-]{16,}"  # Anthropic / OpenAI
+    r"|(?:ghp|gho|ghs|ghu|ghr)_[A-Za-z0-9]{30,}|github_pat_[A-Za-z0-9_]{30,}"  # GitHub
+    r"|AKIA[0-9A-Z]{16}"  # AWS access key id
+    r"|xox[abposr]-[A-Za-z0-9-]{10,}"  # Slack
+    r"|AIza[0-9A-Za-z_-]{35}"  # Google API key
+    r"|-----BEGIN [A-Z ]*PRIVATE KEY-----"
+    r"|eyJ[A-Za-z0-9_-]{10,}\.eyJ[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]{10,}"  # a JWT
+)
+
+
+def looks_like_secret_name(name: str) -> bool:
+    return SECRET_NAME.search(name) is not None
+
+
+def looks_like_secret_value(value: str) -> bool:
+    return SECRET_VALUE.search(value) is not None
+
+
+def redact(text: str, secrets: Iterable[str] = ()) -> str:
+    """`text` with every known secret value and every secret-shaped string replaced by a marker."""
+    for secret in sorted({s for s in secrets if len(s) >= MIN_SECRET_LENGTH}, key=len, reverse=True):
+        text = text.replace(secret, MARKER)
+    return SECRET_VALUE.sub(MARKER, text)
