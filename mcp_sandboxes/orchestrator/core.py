@@ -34,6 +34,7 @@ from mcp_sandboxes.events import (
     UserInterrupt,
     UserMessage,
 )
+from mcp_sandboxes.orchestrator.access import AgentAccess
 from mcp_sandboxes.orchestrator.bus import EventBus, SessionChanged
 from mcp_sandboxes.orchestrator.environments import EnvironmentRequest, EnvironmentService
 from mcp_sandboxes.orchestrator.providers import ProviderPool
@@ -47,6 +48,7 @@ from mcp_sandboxes.orchestrator.subagents import (
 )
 from mcp_sandboxes.orchestrator.views import EnvironmentView, EventsPage, EventView, SessionView, TurnView
 from mcp_sandboxes.providers.base import Sandbox
+from mcp_sandboxes.redaction import redact
 from mcp_sandboxes.store import Database, SessionRecord
 from mcp_sandboxes.store.database import utc_now
 from mcp_sandboxes.store.records import LIVE_STATUSES, SessionStatus, TurnRecord
@@ -54,6 +56,8 @@ from mcp_sandboxes.store.records import LIVE_STATUSES, SessionStatus, TurnRecord
 logger = logging.getLogger(__name__)
 
 SETUP_COMMAND_TIMEOUT_S = 600.0
+# Characters of a failing setup command's output shown when an agent made the environment.
+SETUP_TAIL_FOR_AGENTS = 200
 DESTROY_TIMEOUT_S = 60.0
 DEFAULT_TURN_TIMEOUT_S = 3600.0
 TRANSCRIPT_URI = "sandboxes://sessions/{session_id}/transcript"
@@ -80,12 +84,15 @@ class Orchestrator:
         self._environ = dict(os.environ if environ is None else environ)
         self.db = Database(settings.database_path)
         self.providers = ProviderPool(settings)
-        self.environments = EnvironmentService(self.db, self.providers)
+        self.access = AgentAccess(self.db, self.providers, settings.subagents)
+        self.environments = EnvironmentService(self.db, self.providers, self.access)
         self.bus = EventBus()
         self.lineage = Lineage(self.db)
         # The MCP endpoint sandboxed agents call back (set by the server once it listens); None:
         # sub-agents cannot be offered.
         self.subagent_url: str | None = None
+        # Further values to redact from what callers see (the server adds its operator token).
+        self.extra_secrets: list[str] = []
         self._backends: dict[str, Backend] = {}
         self._workers: dict[str, SessionWorker] = {}
         self._task_group: TaskGroup | None = None
@@ -181,13 +188,17 @@ class Orchestrator:
 
     # -- environments -----------------------------------------------------------------------
 
-    async def create_environment(self, request: EnvironmentRequest) -> EnvironmentView:
-        return await self.environments.create(request)
+    async def create_environment(
+        self, request: EnvironmentRequest, *, caller_session_id: str | None = None
+    ) -> EnvironmentView:
+        """`caller_session_id`: an agent creating it, confined to what its own environment allows."""
+        return await self.environments.create(request, created_by_session=caller_session_id)
 
     async def list_environments(self) -> list[EnvironmentView]:
         return await self.environments.list_all()
 
-    async def delete_environment(self, id_or_name: str, *, force: bool = False) -> EnvironmentView:
+    async def delete_environment(self, id_or_name: str, *, force: bool = False, purge: bool = False) -> EnvironmentView:
+        """Stopped sessions keep their history (events, transcripts) unless `purge`."""
         record = await self.environments.get(id_or_name)
         view = await self.environments.view(record)
         live = await self.environments.live_session_ids(record)
@@ -198,8 +209,8 @@ class Orchestrator:
             )
         for session_id in live:
             await self.stop_session(session_id)
-        await self.db.delete_environment(record.id)
-        return view
+        await self.db.delete_environment(record.id, purge=purge)
+        return view.model_copy(update={"state": "deleted", "state_detail": None, "live_sessions": 0})
 
     # -- sessions ----------------------------------------------------------------------------
 
@@ -228,6 +239,21 @@ class Orchestrator:
             raise InvalidInputError("prompt", "is empty; say what the agent should do")
         env = await self.environments.get(environment)
         backend = self._backend(agent.backend)
+        self.environments.check_network(env.spec.network)
+        env_spec = env.spec
+        if parent_session_id is not None:
+            # An agent spawning: only into what its own environment would allow it to create.
+            env_spec = await self.access.confine(parent_session_id, env.provider, env.spec)
+        if (
+            subagents
+            and await self.access.exposes_host(env.provider, env.spec)
+            and not self.settings.subagents.allow_unsandboxed
+        ):
+            raise InvalidInputError(
+                "subagents",
+                f"environment {env.name!r} runs on the host itself ({env.provider}), where an agent could read"
+                " the server's own files; use a container environment (or set subagents.allow_unsandboxed)",
+            )
         token_sha256: str | None = None
         prepared_agent = agent
         if subagents:
@@ -242,18 +268,18 @@ class Orchestrator:
         provider = await self.providers.get(env.provider)
         session_id = f"ses_{uuid.uuid4().hex[:20]}"
         user = self.settings.server.sandbox_user
-        spec = env.spec.model_copy(
+        spec = env_spec.model_copy(
             update={
                 "name": f"mcp-sandboxes-{session_id}",
-                "mounts": [*env.spec.mounts, *backend.mounts()],
-                "labels": {**env.spec.labels, "io.mcp-sandboxes.session": session_id},
-                "user": env.spec.user or user,
+                "mounts": [*env_spec.mounts, *backend.mounts()],
+                "labels": {**env_spec.labels, "io.mcp-sandboxes.session": session_id},
+                "user": env_spec.user or user,
             }
         )
         started = time.monotonic()
         sandbox = await provider.create(spec)
         try:
-            await self._run_setup(sandbox, env.setup_commands)
+            await self._run_setup(sandbox, env.setup_commands, made_by_agent=env.created_by_session is not None)
             await backend.prepare(sandbox, prepared_agent, home=self.settings.server.sandbox_home, user=spec.user)
             now = utc_now()
             await self.db.insert_session(
@@ -314,12 +340,15 @@ class Orchestrator:
             )
         return self.subagent_url
 
-    async def _run_setup(self, sandbox: Sandbox, commands: list[str]) -> None:
+    async def _run_setup(self, sandbox: Sandbox, commands: list[str], *, made_by_agent: bool) -> None:
+        """A failing command's output tail is shown to the caller: redacted always, and only a
+        few lines of it for an environment an agent made (its commands may probe for secrets)."""
         for index, command in enumerate(commands):
             # Setup runs as root: it typically installs packages the agent user then uses.
             result = await sandbox.exec(["sh", "-c", command], user="0", timeout=SETUP_COMMAND_TIMEOUT_S)
             if not result.ok:
-                tail = (result.stderr or result.stdout).decode("utf-8", "replace")[-800:]
+                output = (result.stderr or result.stdout).decode("utf-8", "replace")
+                tail = redact(output, self.secret_values())[-(SETUP_TAIL_FOR_AGENTS if made_by_agent else 800) :]
                 raise InvalidInputError(
                     f"setup_commands[{index}]",
                     f"exited with code {result.exit_code}: {tail.strip()}; fix the command in the environment"
@@ -587,6 +616,12 @@ class Orchestrator:
 
     def backend_names(self) -> list[str]:
         return backend_names()
+
+    def secret_values(self) -> list[str]:
+        """Values no caller may see: the credentials handed to agent CLIs and the operator token."""
+        names = {name for settings in self.settings.backends.values() for name in settings.pass_env}
+        values = [self._environ[name] for name in names if self._environ.get(name)]
+        return [*values, *self.extra_secrets]
 
 
 KILL_TIMEOUT_S = 10.0

@@ -42,6 +42,11 @@ class EnvironmentRefInput(_Input):
 
 class DeleteEnvironmentInput(EnvironmentRefInput):
     force: bool = Field(default=False, description="Also stop the live sessions that use it.")
+    purge: bool = Field(
+        default=False,
+        description="Also erase its sessions' history (events, transcripts). Without it, that history stays"
+        " readable through get_session, read_events and the transcript resources.",
+    )
 
 
 class NoInput(_Input):
