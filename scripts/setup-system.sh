@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Installs the system packages the project needs: a Docker engine (dockerd, containerd, runc, ctr),
 # debootstrap for the local Debian image, bubblewrap, podman and busybox, strace (tests check which
-# addresses an agent CLI connects to). Idempotent.
+# addresses an agent CLI connects to), gVisor's runsc (the `runtime: runsc` option). Idempotent.
 set -euo pipefail
 need=()
-for bin in dockerd:docker.io debootstrap:debootstrap bwrap:bubblewrap podman:podman catatonit:catatonit busybox:busybox-static ip:iproute2 strace:strace; do
+for bin in dockerd:docker.io debootstrap:debootstrap bwrap:bubblewrap podman:podman catatonit:catatonit busybox:busybox-static ip:iproute2 strace:strace runsc:runsc; do
   command -v "${bin%%:*}" >/dev/null 2>&1 || need+=("${bin##*:}")
 done
 if ((${#need[@]})); then
