@@ -44,6 +44,7 @@ def build_server(
         "mcp-sandboxes", version=__version__, instructions=INSTRUCTIONS, subscriptions=bus, log_level="WARNING"
     )
     server.orchestrator = orchestrator
+    server.identity = identity
     register_tools(server, orchestrator, identity.call_scope if identity is not None else None)
     register_resources(server, orchestrator, identity)
     notifier = ResourceNotifier(server, bus)

@@ -37,10 +37,28 @@ class SandboxesMCPServer(MCPServer[Any]):
     """MCPServer whose resources/list shows the live sessions' transcripts."""
 
     orchestrator: Orchestrator
+    identity: CallerIdentity | None = None
 
-    async def list_resources(self) -> list[types.Resource]:
+    async def _handle_list_resources(
+        self, ctx: ServerRequestContext[Any], params: types.PaginatedRequestParams | None
+    ) -> types.ListResourcesResult:
+        """An agent calling back sees only its own sub-agents' resources."""
+        visible: set[str] | None = None
+        request = getattr(ctx, "request", None)
+        if self.identity is not None and request is not None:
+            caller = await self.identity.caller(request.headers.get("authorization", ""))
+            if caller is None:
+                visible = set()
+            elif caller.session_id is not None:
+                visible = set(await self.orchestrator.lineage.descendants(caller.session_id))
+        return types.ListResourcesResult(resources=await self.list_resources(visible))
+
+    async def list_resources(self, visible: set[str] | None = None) -> list[types.Resource]:
+        """Static resources and the live sessions' ones; `visible` limits the sessions shown."""
         resources = await super().list_resources()
         for session in await self.orchestrator.db.list_sessions(LIVE_STATUSES):
+            if visible is not None and session.id not in visible:
+                continue
             resources.append(
                 types.Resource(
                     uri=TRANSCRIPT_TEMPLATE.format(session_id=session.id),

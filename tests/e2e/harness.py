@@ -40,9 +40,11 @@ def free_port() -> int:
 
 
 class McpSession:
-    def __init__(self, client: Client, transport: Transport) -> None:
+    def __init__(self, client: Client, transport: Transport, operator_url: str | None = None) -> None:
         self.client = client
         self.transport = transport
+        # The HTTP endpoint the operator calls (None over stdio).
+        self.operator_url = operator_url
 
     async def call(self, name: str, arguments: dict[str, Any] | None = None) -> dict[str, Any]:
         with anyio.fail_after(CALL_TIMEOUT_S):
@@ -125,7 +127,7 @@ async def mcp_server(
             httpx2.AsyncClient(headers={"Authorization": f"Bearer {token}"}, timeout=CALL_TIMEOUT_S) as http,
             Client(streamable_http_client(url, http_client=http), mode=mode, message_handler=message_handler) as client,
         ):
-            yield McpSession(client, transport)
+            yield McpSession(client, transport, url)
     finally:
         with anyio.CancelScope(shield=True):
             process.terminate()
