@@ -23,6 +23,13 @@ class ServerSettings(BaseModel):
     default_provider: str = "docker"
     default_image: str = "mcp-sandboxes/base:latest"
     max_wait_s: float = Field(default=600, gt=0)
+    max_call_s: float = Field(
+        default=100,
+        gt=0,
+        le=3600,
+        description="No tool call blocks longer than this: a wait that would returns what is known so far"
+        " (Claude Code moves calls past 120 s to the background, where their results are often lost).",
+    )
     sandbox_user: str | None = "agent"
     sandbox_home: str = "/home/agent"
     auth_token: str | None = Field(

@@ -52,6 +52,25 @@ class EventBus:
             return True
         return False
 
+    async def wait_any(self, session_ids: list[str], max_wait_s: float) -> bool:
+        """Wait until any of the sessions publishes something; False on timeout."""
+        if max_wait_s <= 0 or not session_ids:
+            return False
+        waiters = [self._waiters.setdefault(session_id, anyio.Event()) for session_id in dict.fromkeys(session_ids)]
+        woken = False
+        with anyio.move_on_after(max_wait_s if math.isfinite(max_wait_s) else None):
+            async with anyio.create_task_group() as task_group:
+
+                async def watch(waiter: anyio.Event) -> None:
+                    nonlocal woken
+                    await waiter.wait()
+                    woken = True
+                    task_group.cancel_scope.cancel()
+
+                for waiter in waiters:
+                    task_group.start_soon(watch, waiter)
+        return woken
+
     def subscribe(self) -> MemoryObjectReceiveStream[SessionChanged]:
         send, receive = anyio.create_memory_object_stream[SessionChanged](SUBSCRIBER_BUFFER)
         self._subscribers.append(send)

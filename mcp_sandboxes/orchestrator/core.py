@@ -7,10 +7,10 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Self
+from typing import Literal, Self
 
 import anyio
 from anyio.abc import TaskGroup
@@ -60,6 +60,10 @@ SETUP_COMMAND_TIMEOUT_S = 600.0
 SETUP_TAIL_FOR_AGENTS = 200
 DESTROY_TIMEOUT_S = 60.0
 DEFAULT_TURN_TIMEOUT_S = 3600.0
+# A waiting call reports progress at least this often.
+PROGRESS_INTERVAL_S = 5.0
+# (done, total, message): how a long call tells its client it is alive.
+Progress = Callable[[float, float | None, str | None], Awaitable[None]]
 TRANSCRIPT_URI = "sandboxes://sessions/{session_id}/transcript"
 
 
@@ -382,6 +386,34 @@ class Orchestrator:
             if remaining <= 0:
                 return None
             await self.bus.wait(session_id, remaining)
+
+    async def wait_for_sessions(
+        self,
+        session_ids: Sequence[str],
+        *,
+        mode: Literal["any", "all"],
+        max_wait_s: float,
+        progress: Progress | None = None,
+    ) -> tuple[list[SessionView], bool]:
+        """Wait until any / all of the sessions have settled (no turn running or queued), at most
+        `max_wait_s`; returns their views and whether the wait timed out first. `progress` hears
+        (settled, total, message) whenever that count changes, and at least every few seconds."""
+        ids = list(dict.fromkeys(session_ids))
+        deadline = anyio.current_time() + min(max_wait_s, self.settings.server.max_wait_s)
+        reported = -1
+        while True:
+            views = [await self.get_session(session_id) for session_id in ids]
+            settled = [view for view in views if view.status not in ("starting", "running") and not view.queued_turns]
+            done = len(settled) == len(views) if mode == "all" else bool(settled)
+            if progress is not None and (len(settled) != reported or done):
+                reported = len(settled)
+                busy = [view.session_id for view in views if view not in settled]
+                await progress(len(settled), len(views), f"{len(settled)}/{len(views)} settled; running: {busy}")
+            remaining = deadline - anyio.current_time()
+            if done or remaining <= 0:
+                return views, not done
+            if not await self.bus.wait_any(ids, min(remaining, PROGRESS_INTERVAL_S)):
+                reported = -1  # nothing changed for a while: say so again, so the client sees life
 
     async def interrupt(self, session_id: str) -> SessionView:
         session = await self.db.get_session(session_id)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
+from contextvars import ContextVar
 from typing import Annotated, Any, TypeVar
 
 from mcp.server.mcpserver import Context, MCPServer
@@ -20,6 +21,11 @@ OutputT = TypeVar("OutputT", bound=BaseModel)
 # Runs before each call with the HTTP request that carried it (None over stdio); it sets up
 # whatever the handler needs to know about the caller, and is left when the call ends.
 CallScope = Callable[[Any], AbstractAsyncContextManager[None]]
+# Around each call: how the handler reports progress to the client (a no-op for a client that
+# sent no progress token), or None outside a call.
+current_progress: ContextVar[Callable[[float, float | None, str | None], Awaitable[None]] | None] = ContextVar(
+    "current_progress", default=None
+)
 # The parameter the SDK fills with the call's Context (found by its annotation).
 CONTEXT_PARAMETER = "mcp_call_context"
 
@@ -61,6 +67,7 @@ def register_tool(
             request = input_model.model_validate(arguments)
         except ValidationError as exc:
             raise ToolError(describe_validation_error(exc)) from None
+        reset = current_progress.set(context.report_progress if isinstance(context, Context) else None)
         try:
             if call_scope is None:
                 return await handler(request)
@@ -68,6 +75,8 @@ def register_tool(
                 return await handler(request)
         except McpSandboxesError as exc:
             raise ToolError(str(exc)) from exc
+        finally:
+            current_progress.reset(reset)
 
     tool.__signature__ = inspect.Signature(parameters, return_annotation=output_model)  # type: ignore[attr-defined]
     tool.__annotations__ = {CONTEXT_PARAMETER: Context, "return": output_model}

@@ -121,6 +121,28 @@ class SessionList(BaseModel):
     sessions: list[SessionView]
 
 
+class WaitForInput(_Input):
+    session_ids: list[str] = Field(
+        min_length=1, max_length=100, description="Sessions to wait for (ses_...), e.g. the children you fanned out."
+    )
+    mode: Literal["all", "any"] = Field(
+        default="all", description="'all': until every session has settled; 'any': until the first one has."
+    )
+    timeout_s: float = Field(
+        default=90,
+        gt=0,
+        le=MAX_WAIT_S,
+        description="How long to wait, in seconds; capped by the server (max_call_s, default 100) so that"
+        " clients do not move the call to the background. Call again to keep waiting.",
+    )
+
+
+class WaitForResult(BaseModel):
+    sessions: list[SessionView]
+    settled: list[str] = Field(description="Ids of the sessions with no turn running or queued.")
+    timed_out: bool = Field(description="True when the wait ended before the condition held; call again.")
+
+
 class TurnOutcome(BaseModel):
     """Returned by spawn_agent and send_message."""
 
@@ -131,3 +153,4 @@ class TurnOutcome(BaseModel):
     stop_reason: str | None = None
     usage: Usage | None = None
     error: str | None = None
+    note: str | None = Field(default=None, description="What to do next when the turn has not ended yet.")

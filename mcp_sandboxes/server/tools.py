@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
+import anyio
 from mcp.server.mcpserver import MCPServer
 from mcp_types import ToolAnnotations
 
 from mcp_sandboxes.backends.base import AgentSpec
 from mcp_sandboxes.errors import ConflictError
 from mcp_sandboxes.orchestrator import Orchestrator
-from mcp_sandboxes.orchestrator.core import turn_view
+from mcp_sandboxes.orchestrator.core import PROGRESS_INTERVAL_S, turn_view
 from mcp_sandboxes.orchestrator.environments import EnvironmentRequest
 from mcp_sandboxes.orchestrator.subagents import current_caller
 from mcp_sandboxes.orchestrator.views import EnvironmentView, EventsPage, SessionView
 from mcp_sandboxes.providers.base import ResourceLimits
-from mcp_sandboxes.server.registration import CallScope, register_tool
+from mcp_sandboxes.server.registration import CallScope, current_progress, register_tool
 from mcp_sandboxes.server.schemas import (
     CreateEnvironmentInput,
     DeleteEnvironmentInput,
@@ -28,11 +31,38 @@ from mcp_sandboxes.server.schemas import (
     SessionRefInput,
     SpawnAgentInput,
     TurnOutcome,
+    WaitForInput,
+    WaitForResult,
 )
 
 READ_ONLY = ToolAnnotations(read_only_hint=True, destructive_hint=False, idempotent_hint=True, open_world_hint=False)
 CREATES = ToolAnnotations(read_only_hint=False, destructive_hint=False, idempotent_hint=False, open_world_hint=False)
 DESTROYS = ToolAnnotations(read_only_hint=False, destructive_hint=True, idempotent_hint=True, open_world_hint=False)
+
+
+async def report(done: float, total: float | None, message: str | None) -> None:
+    """Progress to the client of the current call (nothing when it sent no progress token)."""
+    progress = current_progress.get()
+    if progress is not None:
+        await progress(done, total, message)
+
+
+@asynccontextmanager
+async def heartbeat(message: str) -> AsyncIterator[None]:
+    """While the body waits, tell the client every few seconds that the call is alive."""
+    async with anyio.create_task_group() as task_group:
+
+        async def beat() -> None:
+            started = anyio.current_time()
+            while True:
+                await anyio.sleep(PROGRESS_INTERVAL_S)
+                await report(anyio.current_time() - started, None, f"{message} ({anyio.current_time() - started:.0f}s)")
+
+        task_group.start_soon(beat)
+        try:
+            yield
+        finally:
+            task_group.cancel_scope.cancel()
 
 
 def register_tools(server: MCPServer[Any], orchestrator: Orchestrator, call_scope: CallScope | None = None) -> None:
@@ -44,15 +74,25 @@ def register_tools(server: MCPServer[Any], orchestrator: Orchestrator, call_scop
         await orchestrator.lineage.check_reach(current_caller.get(), session_id)
         return session_id
 
+    def capped(timeout_s: float) -> float:
+        return min(timeout_s, settings.max_call_s)
+
     async def outcome(session_id: str, turn_index: int, wait: bool, timeout_s: float) -> TurnOutcome:
         if not wait:
             return TurnOutcome(
                 session=await orchestrator.get_session(session_id), turn_index=turn_index, completed=False
             )
-        turn = await orchestrator.wait_for_turn(session_id, turn_index, timeout_s)
+        async with heartbeat(f"turn {turn_index} of {session_id} running"):
+            turn = await orchestrator.wait_for_turn(session_id, turn_index, capped(timeout_s))
         session = await orchestrator.get_session(session_id)
         if turn is None:
-            return TurnOutcome(session=session, turn_index=turn_index, completed=False)
+            return TurnOutcome(
+                session=session,
+                turn_index=turn_index,
+                completed=False,
+                note=f"still running after {capped(timeout_s):g}s (calls return before clients give up on them);"
+                f" call wait_for with session_ids=[{session_id!r}] to keep waiting, or read_events to follow it",
+            )
         view = turn_view(turn)
         return TurnOutcome(
             session=session,
@@ -95,6 +135,7 @@ def register_tools(server: MCPServer[Any], orchestrator: Orchestrator, call_scop
         return await orchestrator.delete_environment(request.environment, force=request.force, purge=request.purge)
 
     async def spawn_agent(request: SpawnAgentInput) -> TurnOutcome:
+        await report(0, None, f"provisioning a sandbox in {request.environment}")
         session = await orchestrator.spawn_agent(
             environment=request.environment,
             prompt=request.prompt,
@@ -114,6 +155,15 @@ def register_tools(server: MCPServer[Any], orchestrator: Orchestrator, call_scop
     async def send_message(request: SendMessageInput) -> TurnOutcome:
         _, index = await orchestrator.send_message(await reachable(request.session_id), request.text)
         return await outcome(request.session_id, index, request.wait, request.timeout_s)
+
+    async def wait_for(request: WaitForInput) -> WaitForResult:
+        for session_id in request.session_ids:
+            await reachable(session_id)
+        views, timed_out = await orchestrator.wait_for_sessions(
+            request.session_ids, mode=request.mode, max_wait_s=capped(request.timeout_s), progress=report
+        )
+        settled = [v.session_id for v in views if v.status not in ("starting", "running") and not v.queued_turns]
+        return WaitForResult(sessions=views, settled=settled, timed_out=timed_out)
 
     async def read_events(request: ReadEventsInput) -> EventsPage:
         return await orchestrator.read_events(
@@ -186,6 +236,16 @@ def register_tools(server: MCPServer[Any], orchestrator: Orchestrator, call_scop
             TurnOutcome,
             send_message,
             CREATES,
+        ),
+        (
+            "wait_for",
+            "Wait for sub-agent sessions to finish their turns (all, or the first of them): fan out with"
+            " spawn_agent, then wait_for their ids. Returns each session's status and last turn; bounded"
+            " below the client's patience, so call again while timed_out is true.",
+            WaitForInput,
+            WaitForResult,
+            wait_for,
+            READ_ONLY,
         ),
         (
             "read_events",
