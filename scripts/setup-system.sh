@@ -12,4 +12,13 @@ if ((${#need[@]})); then
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
+# containerd runs gVisor through the runc shim (Debian ships no containerd-shim-runsc-v1), which
+# passes no runsc flags; this wrapper adds the one network mode Debian's runsc starts with here
+# (see scripts/start-dockerd.sh and providers/containerd.py).
+wrapper=/usr/local/libexec/mcp-sandboxes/runsc-containerd
+wanted=$'#!/bin/sh\nexec /usr/bin/runsc --network=host "$@"\n'
+if [[ "$(cat "$wrapper" 2>/dev/null; echo x)" != "${wanted}x" ]]; then
+  mkdir -p "${wrapper%/*}"
+  printf '%s' "$wanted" >"$wrapper.tmp" && chmod 0755 "$wrapper.tmp" && mv -f "$wrapper.tmp" "$wrapper"
+fi
 echo "system packages ok"

@@ -16,6 +16,7 @@ import signal as _signal
 from collections.abc import Iterable, Mapping
 
 from mcp_sandboxes.errors import InvalidInputError
+from mcp_sandboxes.providers._spec_support import refuse_unsupported
 from mcp_sandboxes.providers.base import SandboxSpec
 
 SHELL = "/bin/sh"
@@ -122,6 +123,7 @@ def signal_name(signum: int) -> str:
 
 def reject_unsupported(spec: SandboxSpec, provider: str, *, network_none: bool) -> None:
     """Remote sandboxes cannot mount host paths, and some cannot switch the network off."""
+    refuse_unsupported(spec, provider)
     if spec.mounts:
         raise InvalidInputError(
             "mounts",

@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 import httpx
 
 from mcp_sandboxes.errors import InvalidInputError, ProviderError, ProviderUnavailableError
+from mcp_sandboxes.providers._spec_support import refuse_unsupported
 from mcp_sandboxes.providers.base import Availability, SandboxSpec
 
 # Control-plane calls (create, list, delete) and data-plane calls (files, signals).
@@ -36,6 +37,7 @@ def redact(text: str, secrets: Iterable[str | None]) -> str:
 
 def refuse_mounts(spec: SandboxSpec, provider: str) -> None:
     """The vendor runs the sandbox on its own machines: host paths cannot be mounted there."""
+    refuse_unsupported(spec, provider)
     if spec.mounts:
         raise InvalidInputError("mounts", f"{provider} sandboxes cannot mount host paths; copy files in with put_file")
 

@@ -46,6 +46,7 @@ from mcp_sandboxes.providers._remote_support import (
     CLEANUP_TIMEOUT_S,
     STATE_DIR,
 )
+from mcp_sandboxes.providers._spec_support import refuse_unsupported
 from mcp_sandboxes.providers.base import (
     DEFAULT_CREATE_TIMEOUT_S,
     DEFAULT_EXEC_TIMEOUT_S,
@@ -120,6 +121,7 @@ class AppleContainerProvider:
         return Availability(provider=self.name, available=True)
 
     async def create(self, spec: SandboxSpec) -> Sandbox:
+        refuse_unsupported(spec, self.name)
         container_id = "mcp-" + secrets.token_hex(8)
         labels = owner_labels(spec)
         args = ["run", "-d", "--name", container_id]

@@ -54,6 +54,14 @@ class SandboxSpec(BaseModel):
     limits: ResourceLimits = Field(default_factory=ResourceLimits)
     mounts: list[Mount] = Field(default_factory=list)
     labels: dict[str, str] = Field(default_factory=dict)
+    read_only_root: bool = Field(
+        default=False,
+        description="Read-only root filesystem; only the workdir, the user's HOME and /tmp stay writable.",
+    )
+    runtime: str | None = Field(
+        default=None,
+        description='OCI runtime for the sandbox, e.g. "runsc" (gVisor); None = the engine\'s default.',
+    )
 
 
 class Availability(BaseModel):

@@ -87,6 +87,7 @@ from mcp_sandboxes.providers._local_state import (
     write_metadata,
 )
 from mcp_sandboxes.providers._settings import validated
+from mcp_sandboxes.providers._spec_support import refuse_unsupported
 from mcp_sandboxes.providers.base import (
     DEFAULT_CREATE_TIMEOUT_S,
     DEFAULT_EXEC_TIMEOUT_S,
@@ -241,6 +242,7 @@ class BubblewrapProvider:
         await anyio.to_thread.run_sync(self._validate_spec, spec)
 
     def _validate_spec(self, spec: SandboxSpec) -> rootfs.RootFs:
+        refuse_unsupported(spec, self.name)
         root = rootfs.resolve_image(spec.image, default_rootfs=self.settings.rootfs, images=self.settings.images)
         _absolute(spec.workdir, "workdir")
         if posixpath.normpath(spec.workdir) in ("/", "/tmp", "/proc", "/dev", "/sys", "/etc"):

@@ -29,6 +29,16 @@ binary safe), so images need sh, cat, mkdir, chmod and mv (busybox and Debian ha
 Destroy is `ctr task delete --force` (kills every process) and `ctr containers delete`
 (with its snapshot). The provider runs ctr as a subprocess for every call: no gRPC client.
 
+Hardening, as the Docker provider's: every capability but SETUP_CAPABILITIES is dropped (ctr
+has no "ALL": each is named), no-new-privileges is ctr's default (never --allow-new-privs);
+an exec as a non-root uid holds no capability. `read_only_root` is `--read-only` with tmpfs at
+/tmp (1777), the workdir and the user's HOME (owned by the user; found in the image's
+/etc/passwd by a throwaway `ctr run --rm`); unlike Docker's volumes these start empty, which
+put_file does not mind (it writes through exec). `runtime: "runsc"` runs gVisor through the
+runc shim (`--runc-binary`): Debian ships no containerd-shim-runsc-v1, and its runsc
+(2022-12-19) takes every network namespace for the host's on this kernel, so it must run with
+--network=host, which the wrapper scripts/setup-system.sh installs at RUNSC_WRAPPER adds.
+
 Settings (`[providers.containerd]`): address, namespace, ctr_path, init_path ("" finds
 catatonit or tini-static, "none" runs the keep-alive as PID 1), cgroup_root.
 """
@@ -80,7 +90,9 @@ from mcp_sandboxes.providers.docker import (
     _WRAPPER,
     CREATE_TOKEN_LABEL,
     KEEPALIVE_CMD,
+    SETUP_CAPABILITIES,
     container_config,
+    home_from_passwd,
 )
 
 PROVIDER_NAME = "containerd"
@@ -95,6 +107,52 @@ KILL_GRACE_S = 5.0  # after SIGKILL, how long ctr gets to report the exit and en
 CLEANUP_TIMEOUT_S = 15.0  # the shielded cleanup when a stream context is left
 LEFTOVER_WAIT_S = 2.0  # after a create cut short in flight, how long to watch for the container
 
+RUNSC_WRAPPER = "/usr/local/libexec/mcp-sandboxes/runsc-containerd"
+PASSWD_PROBE_TIMEOUT_S = 60.0
+# Every capability Linux defines, so dropping them all does not depend on ctr's default set.
+ALL_CAPABILITIES = [
+    "CHOWN",
+    "DAC_OVERRIDE",
+    "DAC_READ_SEARCH",
+    "FOWNER",
+    "FSETID",
+    "KILL",
+    "SETGID",
+    "SETUID",
+    "SETPCAP",
+    "LINUX_IMMUTABLE",
+    "NET_BIND_SERVICE",
+    "NET_BROADCAST",
+    "NET_ADMIN",
+    "NET_RAW",
+    "IPC_LOCK",
+    "IPC_OWNER",
+    "SYS_MODULE",
+    "SYS_RAWIO",
+    "SYS_CHROOT",
+    "SYS_PTRACE",
+    "SYS_PACCT",
+    "SYS_ADMIN",
+    "SYS_BOOT",
+    "SYS_NICE",
+    "SYS_RESOURCE",
+    "SYS_TIME",
+    "SYS_TTY_CONFIG",
+    "MKNOD",
+    "LEASE",
+    "AUDIT_WRITE",
+    "AUDIT_CONTROL",
+    "SETFCAP",
+    "MAC_OVERRIDE",
+    "MAC_ADMIN",
+    "SYSLOG",
+    "WAKE_ALARM",
+    "BLOCK_SUSPEND",
+    "AUDIT_READ",
+    "PERFMON",
+    "BPF",
+    "CHECKPOINT_RESTORE",
+]
 USER_LABEL = "io.mcp-sandboxes.user"  # ctr run has no --user: execs take it from here
 PIDS_LABEL = "io.mcp-sandboxes.pids-limit"  # reapplied when attach() restarts the task
 INIT_TARGET = "/.mcp-sandboxes-init"
@@ -136,6 +194,9 @@ class ContainerdSettings(BaseModel):
     address: str = Field(default=DEFAULT_ADDRESS, description="containerd's socket (dockerd's by default).")
     namespace: str = Field(default=DEFAULT_NAMESPACE, description="Our own containerd namespace; never Docker's moby.")
     ctr_path: str = Field(default="ctr", description="The ctr client binary.")
+    runsc_path: str = Field(
+        default=RUNSC_WRAPPER, description="What runs runsc for `runtime: runsc` (the setup's wrapper)."
+    )
     init_path: str = Field(
         default="", description='A static init for PID 1: "" finds catatonit or tini-static, "none" runs without.'
     )
@@ -229,13 +290,74 @@ class ContainerdProvider:
     async def validate_spec(self, spec: SandboxSpec) -> None:
         """Cheap checks before a create: the values are well formed and the image is there."""
         self._run_args(spec, spec.name or "mcp-sandboxes-validate", "", posixpath.normpath(spec.workdir))
+        await self._check_runtime(spec)
         await self._require_image(spec.image)
+
+    async def _check_runtime(self, spec: SandboxSpec) -> None:
+        if spec.runtime != "runsc":
+            return
+        wrapper = anyio.Path(self.settings.runsc_path)
+        if not await wrapper.is_file() or shutil.which("runsc") is None:
+            raise InvalidInputError(
+                "runtime",
+                f"runsc for containerd needs gVisor's runsc and the wrapper {self.settings.runsc_path} (it runs"
+                " runsc --network=host, the only network mode that starts on this kernel); run"
+                " scripts/setup-system.sh, or set providers.containerd.runsc_path",
+            )
+
+    async def _writable_tmpfs(self, spec: SandboxSpec, workdir: str) -> list[str]:
+        """`--mount` arguments for read_only_root: tmpfs at /tmp, the workdir and the user's HOME,
+        the last two owned by the user the sandbox runs as."""
+        probe = f"mcp-sandboxes-probe-{uuid.uuid4().hex[:16]}"
+        argv = ["run", "--rm", "--read-only", "--label", f"{OWNER_LABEL}=true", image_reference(spec.image), probe]
+        script = "id -u; id -g; cat /etc/passwd 2>/dev/null; true"
+        result = await self.ctr.run(
+            [*argv, "sh", "-c", script], action=f"reading /etc/passwd of {spec.image}", limit_s=PASSWD_PROBE_TIMEOUT_S
+        )
+        if result.returncode != 0:
+            message = result.failure() or result.stderr.decode("utf-8", "replace").strip()
+            if message.lower().startswith("image ") and "not found" in message.lower():
+                raise self._image_missing(spec.image)
+            raise self.ctr.error(message, action=f"reading /etc/passwd of {spec.image}")
+        lines = result.stdout.decode("utf-8", "replace").splitlines()
+        passwd = "\n".join(lines[2:])
+        user = spec.user or (lines[0].strip() if lines else "0")
+        uid, gid = (lines[0].strip(), lines[1].strip()) if len(lines) >= 2 and not spec.user else ("0", "0")
+        if spec.user:
+            name, _, group = spec.user.partition(":")
+            rows = [row.split(":") for row in passwd.splitlines()]
+            entry = next((r for r in rows if len(r) >= 7 and (r[2] if name.isdigit() else r[0]) == name), None)
+            if entry is None and not name.isdigit():
+                raise InvalidInputError(
+                    "user", f"{name!r} does not exist in the image's /etc/passwd; use a user it defines"
+                )
+            uid = name if entry is None else entry[2]
+            gid = group if group.isdigit() else (entry[3] if entry is not None else "0")
+        if not (uid.isdigit() and gid.isdigit()):
+            raise ProviderError(f"could not read the user's ids in {spec.image}: {result.stdout[:200]!r}")
+        owned = f"nosuid:nodev:mode=0755:uid={uid}:gid={gid}"
+        args = ["--mount", "type=tmpfs,src=tmpfs,dst=/tmp,options=nosuid:nodev:mode=1777"]
+        targets = [workdir]
+        home = home_from_passwd(passwd, user)
+        if home is not None:
+            targets.append(home)
+        taken = ["/tmp", *(posixpath.normpath(m.target) for m in spec.mounts)]
+        for target in targets:
+            if target in ("/", *taken) or "," in target:
+                continue
+            args += ["--mount", f"type=tmpfs,src=tmpfs,dst={target},options={owned}"]
+            taken.append(target)
+        return args
 
     async def create(self, spec: SandboxSpec) -> ContainerdSandbox:
         name = spec.name or f"mcp-sandboxes-{uuid.uuid4().hex[:16]}"
         workdir = posixpath.normpath(spec.workdir)
         token = uuid.uuid4().hex
         args = self._run_args(spec, name, token, workdir)
+        await self._check_runtime(spec)
+        if spec.read_only_root:
+            # Inserted before the image reference, which ends the options.
+            args[1:1] = await self._writable_tmpfs(spec, workdir)
         try:
             try:
                 await self.ctr.checked(
@@ -274,6 +396,19 @@ class ContainerdProvider:
         if spec.limits.pids is not None:
             labels[PIDS_LABEL] = str(spec.limits.pids)
         args = ["run", "--detach", "--cgroup", self._cgroups_path(name), "--cwd", workdir, "--seccomp"]
+        for capability in ALL_CAPABILITIES:
+            if capability not in SETUP_CAPABILITIES:
+                args += ["--cap-drop", f"CAP_{capability}"]
+        if spec.read_only_root:
+            args.append("--read-only")
+        if spec.runtime == "runsc":
+            args += ["--runc-binary", self.settings.runsc_path]
+        elif spec.runtime not in (None, "runc"):
+            raise InvalidInputError(
+                "runtime",
+                f"{spec.runtime!r}: the containerd provider offers runc (the default) and runsc (gVisor); Debian ships"
+                " no other containerd shim",
+            )
         for key, value in labels.items():
             args += ["--label", f"{key}={value}"]
         for key, value in spec.env.items():

@@ -7,6 +7,18 @@ wrapped in `sh -c` that records its pid in /tmp/.mcp-sandboxes before `exec`-ing
 command, so a second exec can signal it (and its process group: exec'd processes lead
 their own session).
 
+Hardening: every container drops all capabilities and gets back only SETUP_CAPABILITIES,
+which root-run setup commands need (apt-get, useradd, chown, killing another user's process);
+a non-root user (the agent) holds none of them, and `no-new-privileges` keeps setuid and
+file-capability binaries from handing them back. The container's own process runs as root and
+the sandbox's user is given to every exec (kept in USER_LABEL for attach): the engine gives a
+root exec the container's capabilities only when the container's user is root (otherwise it
+starts with none, and no-new-privileges keeps it so), and setup and our signal helper need them.
+`read_only_root` makes the root filesystem read-only with anonymous volumes at the workdir,
+the user's HOME and /tmp: the engine copies the image's files into each with their owners, and
+its archive API (put_file) writes into volumes, which it cannot do into a tmpfs. `runtime`
+picks an OCI runtime the engine has registered (`docker info` Runtimes), e.g. runsc (gVisor; scripts/start-dockerd.sh).
+
 Every engine call runs under a named timeout, and aiodocker/aiohttp errors are translated
 here into the package's hierarchy (errors.py).
 """
@@ -73,6 +85,7 @@ LEFTOVER_WAIT_S = 2.0  # after a create cut short in flight, how long to watch f
 # Labels only we set: the creation token lets a cancelled create find and remove exactly the
 # container it may have made, and never another one of the same name.
 CREATE_TOKEN_LABEL = "io.mcp-sandboxes.create-token"
+USER_LABEL = "io.mcp-sandboxes.user"  # the user execs run as by default; the container runs as root
 KEEPALIVE_CMD = ["sleep", "infinity"]
 PID_DIR = "/tmp/.mcp-sandboxes"
 # $0 is the exec's token; the pid file lets a later exec signal this one.
@@ -92,6 +105,14 @@ _ENV_KEY = re.compile(r"^[^=\x00]+$")
 _MAX_SYMLINKS = 8
 
 START_DOCKERD_FIX = "start dockerd (scripts/start-dockerd.sh) or set providers.docker.url"
+
+# What root-run setup commands need and nothing more: chown/chmod of others' files, writing
+# where only root may, setuid/setgid to drop to a user (apt's _apt, su, runuser), signalling
+# another user's process (our own signal helper runs as root). Never NET_RAW, NET_ADMIN,
+# SYS_ADMIN, MKNOD, SYS_CHROOT, SETFCAP, SETPCAP, NET_BIND_SERVICE or AUDIT_WRITE.
+SETUP_CAPABILITIES = ("CHOWN", "DAC_OVERRIDE", "FOWNER", "FSETID", "SETUID", "SETGID", "KILL")
+NO_NEW_PRIVILEGES = "no-new-privileges:true"
+PASSWD_LOOKUP_TIMEOUT_S = 30.0
 
 
 class DockerSettings(BaseModel):
@@ -192,6 +213,7 @@ class DockerProvider:
     async def validate_spec(self, spec: SandboxSpec) -> None:
         """Cheap checks before a create: the values are well formed and the image exists."""
         container_config(spec, name=spec.name)
+        await self.check_runtime(spec)
         if self.settings.pull_missing:
             return
         async with self.call(f"inspecting image {spec.image}", API_TIMEOUT_S):
@@ -201,6 +223,23 @@ class DockerProvider:
                 if exc.status == 404:
                     raise self.image_missing(spec.image) from exc
                 raise
+
+    async def check_runtime(self, spec: SandboxSpec) -> None:
+        """Refuse a runtime the engine has not registered, naming the ones it has."""
+        if spec.runtime is None:
+            return
+        if not spec.runtime.strip() or any(c.isspace() or c == "\x00" for c in spec.runtime):
+            raise InvalidInputError("runtime", f"{spec.runtime!r} is not a runtime name; e.g. runsc")
+        async with self.call("listing its runtimes", API_TIMEOUT_S):
+            info = await self.client().system.info()
+        runtimes = sorted((info.get("Runtimes") or {}).keys())
+        if spec.runtime not in runtimes:
+            raise InvalidInputError(
+                "runtime",
+                f"the {self.engine} at {self.url} has no runtime {spec.runtime!r} (it has: {', '.join(runtimes)});"
+                " use one of those, or install and register it (for runsc: scripts/setup-system.sh installs it,"
+                " scripts/start-dockerd.sh registers it)",
+            )
 
     def image_missing(self, image: str) -> ImageNotFoundError:
         return ImageNotFoundError(
@@ -213,9 +252,18 @@ class DockerProvider:
         name = spec.name or f"mcp-sandboxes-{uuid.uuid4().hex[:16]}"
         token = uuid.uuid4().hex
         config = container_config(spec, name=name)
+        await self.check_runtime(spec)
         config["Labels"][CREATE_TOKEN_LABEL] = token
+        default_user = spec.user or await self._image_user(spec.image)
+        if default_user:
+            config["User"] = "0"
+            config["Labels"][USER_LABEL] = default_user
         container_id: str | None = None
         try:
+            if spec.read_only_root:
+                home = await self._home_of(spec, default_user or "0")
+                if home is not None:
+                    config["HostConfig"]["Mounts"].extend(_writable_volumes([home], config["HostConfig"]["Mounts"]))
             container_id = await self._create_container(config, name, spec, pull=self.settings.pull_missing)
             if container_id is None:
                 async with self.call(f"pulling image {spec.image}", PULL_TIMEOUT_S):
@@ -227,6 +275,9 @@ class DockerProvider:
                     await self.client().containers.container(container_id).start()
                 except DockerError as exc:
                     raise _start_error(exc, spec, self) from exc
+            sandbox = DockerSandbox(self, container_id, default_user=default_user)
+            if default_user:
+                await sandbox._ids_of(default_user)  # a user the image lacks fails here, not at first use
         except BaseException as exc:
             # Without an id and without an engine answer (cancelled, timed out), the create may
             # still complete in the engine: the engine finishes a create whose caller left.
@@ -234,7 +285,61 @@ class DockerProvider:
             with anyio.CancelScope(shield=True), anyio.move_on_after(API_TIMEOUT_S):
                 await self._remove_leftover(container_id, name, token, wait_s=LEFTOVER_WAIT_S if in_doubt else 0.0)
             raise
-        return DockerSandbox(self, container_id, default_user=spec.user)
+        return sandbox
+
+    async def _image_user(self, image: str) -> str | None:
+        """The image's own USER (None: root, or the image is not here yet)."""
+        async with self.call(f"inspecting image {image}", API_TIMEOUT_S):
+            try:
+                found = await self.client().images.inspect(image)
+            except DockerError as exc:
+                if exc.status == 404:
+                    return None
+                raise
+        return str((found.get("Config") or {}).get("User") or "") or None
+
+    async def _home_of(self, spec: SandboxSpec, user: str) -> str | None:
+        """The HOME of the user the sandbox runs as, from the image's /etc/passwd (read from a
+        container that is created, never started, and removed); None when it has none."""
+        config: dict[str, Any] = {
+            "Image": spec.image,
+            "Entrypoint": [],
+            "Cmd": ["true"],
+            "Labels": {OWNER_LABEL: "true"},  # an orphan of a crash here is found and removed
+            "HostConfig": {"NetworkMode": "none"},
+        }
+        if self.settings.pull_missing:
+            async with self.call(f"inspecting image {spec.image}", API_TIMEOUT_S):
+                try:
+                    await self.client().images.inspect(spec.image)
+                    present = True
+                except DockerError as exc:
+                    if exc.status != 404:
+                        raise
+                    present = False
+            if not present:
+                async with self.call(f"pulling image {spec.image}", PULL_TIMEOUT_S):
+                    await self.client().images.pull(spec.image)
+        async with self.call(f"reading /etc/passwd of {spec.image}", PASSWD_LOOKUP_TIMEOUT_S):
+            try:
+                probe = await self.client().containers.create(config)
+            except DockerError as exc:
+                raise _create_error(exc, spec, "", self) from exc
+            try:
+                try:
+                    archive = await probe.get_archive("/etc/passwd")
+                except DockerError as exc:
+                    if exc.status == 404:
+                        return None
+                    raise
+                with archive:
+                    member = archive.next()
+                    content = archive.extractfile(member) if member is not None and member.isfile() else None
+                    passwd = content.read().decode("utf-8", "replace") if content is not None else ""
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await probe.delete(force=True, v=True)
+        return home_from_passwd(passwd, user)
 
     async def _create_container(
         self, config: dict[str, Any], name: str, spec: SandboxSpec, *, pull: bool
@@ -280,7 +385,9 @@ class DockerProvider:
                     if exc.status == 404:
                         return None
                     raise
-        return DockerSandbox(self, str(container["Id"]), default_user=container["Config"].get("User") or None)
+        labels = container["Config"].get("Labels") or {}
+        default_user = labels.get(USER_LABEL) or container["Config"].get("User") or None
+        return DockerSandbox(self, str(container["Id"]), default_user=default_user)
 
     async def _inspect(self, sandbox_id: str) -> DockerContainer | None:
         if not sandbox_id or "/" in sandbox_id:
@@ -387,7 +494,7 @@ class DockerSandbox:
         token = uuid.uuid4().hex
         process = DockerExecStream(self, token, argv[0])
         try:
-            await process.start(["sh", "-c", _WRAPPER, token, *argv], env=env, cwd=cwd, user=user)
+            await process.start(["sh", "-c", _WRAPPER, token, *argv], env=env, cwd=cwd, user=user or self._default_user)
             yield process
         finally:
             with anyio.CancelScope(shield=True), anyio.move_on_after(CLEANUP_TIMEOUT_S):
@@ -697,7 +804,16 @@ def container_config(spec: SandboxSpec, *, name: str | None) -> dict[str, Any]:
         "Mounts": mounts,
         "AutoRemove": False,
         "RestartPolicy": {"Name": "no"},
+        "CapDrop": ["ALL"],
+        "CapAdd": list(SETUP_CAPABILITIES),
+        "SecurityOpt": [NO_NEW_PRIVILEGES],
     }
+    if spec.runtime is not None:
+        host_config["Runtime"] = spec.runtime
+    if spec.read_only_root:
+        host_config["ReadonlyRootfs"] = True
+        # The user's HOME joins these in create(), once the image's passwd has been read.
+        mounts.extend(_writable_volumes([workdir, "/tmp"], mounts))
     limits = spec.limits
     if limits.memory_mb is not None:
         host_config["Memory"] = limits.memory_mb * 1024 * 1024
@@ -709,18 +825,49 @@ def container_config(spec: SandboxSpec, *, name: str | None) -> dict[str, Any]:
     labels = {**spec.labels, OWNER_LABEL: "true"}
     if spec.name:
         labels[SANDBOX_NAME_LABEL] = spec.name
+    if spec.user:
+        labels[USER_LABEL] = spec.user
     return {
         "Image": spec.image,
         "Entrypoint": [],  # an image's entrypoint would wrap or replace the keep-alive command
         "Cmd": KEEPALIVE_CMD,
         "Env": [f"{key}={value}" for key, value in spec.env.items()],
         "WorkingDir": workdir,
-        "User": spec.user or "",
+        "User": "0" if spec.user else "",  # see the module doc: execs run as spec.user
         "Labels": labels,
         "Tty": False,
         "OpenStdin": False,
         "HostConfig": host_config,
     }
+
+
+def _writable_volumes(targets: list[str], mounts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Anonymous volumes (filled from the image, owners kept; removed with the container) for
+    the targets that no mount covers yet."""
+    added: list[dict[str, Any]] = []
+    for target in targets:
+        target = posixpath.normpath(target)
+        if target == "/" or any(_covers(m["Target"], target) for m in [*mounts, *added]):
+            continue
+        added.append({"Type": "volume", "Target": target, "ReadOnly": False})
+    return added
+
+
+def _covers(mount_target: str, path: str) -> bool:
+    mount_target = posixpath.normpath(mount_target)
+    return path == mount_target or path.startswith(mount_target.rstrip("/") + "/")
+
+
+def home_from_passwd(passwd: str, user: str) -> str | None:
+    """The home directory of `user` (a name or uid, optionally with :group) in passwd text;
+    None when it has no entry or its home is /."""
+    name = user.partition(":")[0]
+    for line in passwd.splitlines():
+        fields = line.split(":")
+        if len(fields) >= 7 and (fields[2] == name if name.isdigit() else fields[0] == name):
+            home = posixpath.normpath(fields[5]) if fields[5].startswith("/") else "/"
+            return None if home == "/" else home
+    return None
 
 
 def _check_exec_args(argv: list[str], env: dict[str, str] | None, cwd: str | None, user: str | None) -> None:
@@ -807,6 +954,10 @@ def _file_error(exc: DockerError, path: str, owner: DockerProvider, container_id
     message = str(exc.message)
     if exc.status == _CANNOT_CONNECT:
         return owner.unreachable(exc)
+    if "rootfs is marked read-only" in message:
+        return InvalidInputError(
+            "path", f"{path} is on the sandbox's read-only root filesystem; write under its workdir, HOME or /tmp"
+        )
     if "cannot overwrite directory" in message:
         return InvalidInputError("path", f"{path} is a directory in the sandbox; give a file's path")
     if "extraction point is not a directory" in message:

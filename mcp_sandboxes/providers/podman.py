@@ -21,7 +21,7 @@ from typing import Any
 from pydantic import Field, ValidationError
 
 from mcp_sandboxes.errors import ImageNotFoundError, InvalidInputError
-from mcp_sandboxes.providers.base import Availability
+from mcp_sandboxes.providers.base import Availability, SandboxSpec
 from mcp_sandboxes.providers.docker import DockerProvider, DockerSettings
 
 PROVIDER_NAME = "podman"
@@ -70,6 +70,15 @@ class PodmanProvider(DockerProvider):
                 fix=INSTALL_PODMAN_FIX,
             )
         return availability
+
+    async def check_runtime(self, spec: SandboxSpec) -> None:
+        if spec.runtime is not None:
+            # Podman picks its runtime from containers.conf, not per container through the
+            # Docker-compatible API; and runsc would meet the network namespace check that
+            # fails here (see scripts/start-dockerd.sh).
+            raise InvalidInputError(
+                "runtime", "the podman provider cannot choose an OCI runtime per sandbox; remove it, or use docker"
+            )
 
     def image_missing(self, image: str) -> ImageNotFoundError:
         return ImageNotFoundError(

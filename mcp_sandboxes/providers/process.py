@@ -52,6 +52,7 @@ from mcp_sandboxes.providers._local_state import (
     write_metadata,
 )
 from mcp_sandboxes.providers._settings import validated
+from mcp_sandboxes.providers._spec_support import refuse_unsupported
 from mcp_sandboxes.providers.base import (
     DEFAULT_EXEC_TIMEOUT_S,
     DEFAULT_FILE_TIMEOUT_S,
@@ -109,6 +110,7 @@ class ProcessProvider:
         return SandboxDirs(self.state_dir / sandbox_id)
 
     async def create(self, spec: SandboxSpec) -> ProcessSandbox:
+        refuse_unsupported(spec, self.name)
         logger.warning("creating a process sandbox: %s", NO_ISOLATION)
         if not spec.workdir.startswith("/"):
             raise InvalidInputError("workdir", f"{spec.workdir!r} is not an absolute path; use e.g. /workspace")

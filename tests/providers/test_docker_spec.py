@@ -67,7 +67,9 @@ async def test_the_spec_becomes_the_container_config(provider: DockerProvider) -
     assert config["Labels"][SANDBOX_NAME_LABEL] == name
     assert config["Labels"]["team"] == "tests"
     assert "GREETING=hello" in config["Env"]
-    assert (config["User"], config["WorkingDir"], config["Cmd"]) == ("1000", "/workspace", ["sleep", "infinity"])
+    # The container runs as root (so root execs keep the setup capabilities); execs run as the user.
+    assert (config["User"], config["WorkingDir"], config["Cmd"]) == ("0", "/workspace", ["sleep", "infinity"])
+    assert config["Labels"]["io.mcp-sandboxes.user"] == "1000"
     assert host["Init"] is True
     assert host["NetworkMode"] == "none"
     assert host["Memory"] == host["MemorySwap"] == 128 * 1024 * 1024
