@@ -1,5 +1,24 @@
-"""Joins providers, backends and the store: environments, sessions, turns, the event bus."""
+"""Joins providers, backends and the store: environments, sessions, turns, the event bus.
 
-from mcp_sandboxes.orchestrator.core import Orchestrator
+The public surface is `__all__` (tests/test_public_surface.py keeps other rooms to it)."""
 
-__all__ = ["Orchestrator"]
+from mcp_sandboxes.orchestrator.core import PROGRESS_INTERVAL_S, Orchestrator, turn_view
+from mcp_sandboxes.orchestrator.environments import EnvironmentRequest
+from mcp_sandboxes.orchestrator.subagents import OPERATOR, Caller, Lineage, current_caller
+from mcp_sandboxes.orchestrator.transcript import render_transcript
+from mcp_sandboxes.orchestrator.views import EnvironmentView, EventsPage, SessionView
+
+__all__ = [
+    "OPERATOR",
+    "PROGRESS_INTERVAL_S",
+    "Caller",
+    "EnvironmentRequest",
+    "EnvironmentView",
+    "EventsPage",
+    "Lineage",
+    "Orchestrator",
+    "SessionView",
+    "current_caller",
+    "render_transcript",
+    "turn_view",
+]

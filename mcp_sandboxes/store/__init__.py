@@ -1,6 +1,25 @@
-"""SQLite persistence: environments, sessions, turns and the per-session event log."""
+"""SQLite persistence: environments, sessions, turns and the per-session event log.
 
-from mcp_sandboxes.store.database import Database
-from mcp_sandboxes.store.records import EnvironmentRecord, EventRecord, SessionRecord, TurnRecord
+The public surface is `__all__` (tests/test_public_surface.py keeps other rooms to it)."""
 
-__all__ = ["Database", "EnvironmentRecord", "EventRecord", "SessionRecord", "TurnRecord"]
+from mcp_sandboxes.store.database import Database, make_private_dir, utc_now
+from mcp_sandboxes.store.records import (
+    LIVE_STATUSES,
+    EnvironmentRecord,
+    EventRecord,
+    SessionRecord,
+    SessionStatus,
+    TurnRecord,
+)
+
+__all__ = [
+    "LIVE_STATUSES",
+    "Database",
+    "EnvironmentRecord",
+    "EventRecord",
+    "SessionRecord",
+    "SessionStatus",
+    "TurnRecord",
+    "make_private_dir",
+    "utc_now",
+]
