@@ -32,6 +32,8 @@ from mcp_sandboxes.providers._labels import owner_labels
 from mcp_sandboxes.providers.base import SandboxSpec
 
 METADATA_FILE = "sandbox.json"
+# Destroying a local sandbox (end its processes, remove its directory) takes at most this long.
+DESTROY_TIMEOUT_S = 30.0
 METADATA_VERSION = 1
 _ID_PATTERN = re.compile(r"^[a-z]+-[0-9a-f]{16}$")
 

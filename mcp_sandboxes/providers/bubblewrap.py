@@ -72,6 +72,7 @@ from mcp_sandboxes.providers._local_process import (
     run_process,
 )
 from mcp_sandboxes.providers._local_state import (
+    DESTROY_TIMEOUT_S,
     ResolveInSandbox,
     SandboxDirs,
     ensure_present,
@@ -102,7 +103,6 @@ logger = logging.getLogger(__name__)
 PROVIDER_NAME = "bubblewrap"
 ID_PREFIX = "bwrap"
 CHECK_TIMEOUT_S = 10.0
-DESTROY_TIMEOUT_S = 30.0
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _FIX_INSTALL = "apt-get install bubblewrap (scripts/setup-system.sh does it)"
 _FIX_USERNS = (

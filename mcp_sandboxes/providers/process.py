@@ -40,6 +40,7 @@ from mcp_sandboxes.providers._local_process import (
     run_process,
 )
 from mcp_sandboxes.providers._local_state import (
+    DESTROY_TIMEOUT_S,
     SandboxDirs,
     ensure_present,
     is_sandbox_id,
@@ -65,7 +66,6 @@ logger = logging.getLogger(__name__)
 
 PROVIDER_NAME = "process"
 ID_PREFIX = "proc"
-DESTROY_TIMEOUT_S = 30.0
 NO_ISOLATION = (
     "the process provider isolates nothing: commands run directly on this host as the server's user,"
     " with its files, network and processes; use it for development only"
