@@ -21,6 +21,8 @@ from mcp_sandboxes.errors import NotFoundError, ProviderError, ProviderUnavailab
 
 DEFAULT_CONNECT_TIMEOUT_S = 10.0
 DEFAULT_REQUEST_TIMEOUT_S = 60.0
+# The shielded clean-up of a remote sandbox or command (delete it, kill it) takes at most this long.
+CLEANUP_TIMEOUT_S = 30.0
 # 429 handling: the vendor's Retry-After is honoured, but never waited on longer than this.
 MAX_RETRY_AFTER_S = 5.0
 MAX_RATE_LIMIT_RETRIES = 8

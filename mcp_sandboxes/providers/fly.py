@@ -52,6 +52,7 @@ from mcp_sandboxes.errors import NotFoundError, ProviderError, SandboxGoneError
 from mcp_sandboxes.providers._cleanup import removed_unless_ready
 from mcp_sandboxes.providers._labels import USER_LABEL, WORKDIR_LABEL, restorable_labels
 from mcp_sandboxes.providers._remote_http import (
+    CLEANUP_TIMEOUT_S,
     RemoteApiError,
     RemoteNotFoundError,
     VendorClient,
@@ -91,7 +92,6 @@ DEFAULT_POLL_INTERVAL_S = 1.0
 # Slack on top of the exec timeout for the HTTP round trip.
 HTTP_SLACK_S = 30.0
 SIGNAL_TIMEOUT_S = 30.0
-CLEANUP_TIMEOUT_S = 30.0
 # The machine's main process: it only has to keep the machine running; commands come through exec.
 KEEPALIVE = ["/bin/sh", "-c", "trap 'exit 0' TERM INT; while :; do sleep 3600 & wait $!; done"]
 NOT_FOUND_EXIT = 44

@@ -58,6 +58,7 @@ from mcp_sandboxes.errors import (
 )
 from mcp_sandboxes.providers._cleanup import removed_unless_ready
 from mcp_sandboxes.providers._remote_http import (
+    CLEANUP_TIMEOUT_S,
     DEFAULT_CONNECT_TIMEOUT_S,
     RemoteApiError,
     RemoteNotFoundError,
@@ -88,7 +89,6 @@ DEFAULT_API_URL = "https://api.sprites.dev"
 OWNER_TAG = "mcp-sandboxes-managed"
 NAME_PREFIX = "mcp-"
 IMAGES = ("default", "sprite", "sprites", "ubuntu")
-CLEANUP_TIMEOUT_S = 30.0
 STDIN, STDOUT, STDERR, EXIT, STDIN_EOF = 0, 1, 2, 3, 4
 
 

@@ -55,6 +55,7 @@ from mcp_sandboxes.errors import NotFoundError, ProviderError, SandboxGoneError
 from mcp_sandboxes.providers._cleanup import removed_unless_ready
 from mcp_sandboxes.providers._labels import USER_LABEL, WORKDIR_LABEL, restorable_labels
 from mcp_sandboxes.providers._remote_http import (
+    CLEANUP_TIMEOUT_S,
     RemoteApiError,
     RemoteNotFoundError,
     VendorClient,
@@ -89,7 +90,6 @@ NAME = "vercel"
 DEFAULT_API_URL = "https://api.vercel.com"
 # The sandbox's own lifetime; Vercel's default is 5 minutes, too short for an agent session.
 DEFAULT_SANDBOX_TIMEOUT_MS = 45 * 60 * 1000
-CLEANUP_TIMEOUT_S = 30.0
 POLL_INTERVAL_S = 0.5
 ROOT_USERS = ("root", "0")
 
