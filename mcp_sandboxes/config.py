@@ -30,6 +30,13 @@ class ServerSettings(BaseModel):
         description="No tool call blocks longer than this: a wait that would returns what is known so far"
         " (Claude Code moves calls past 120 s to the background, where their results are often lost).",
     )
+    liveness_interval_s: float = Field(
+        default=10,
+        gt=0,
+        le=3600,
+        description="How often live sessions' sandboxes are checked for removal behind the server's back"
+        " (a session whose sandbox vanished becomes failed).",
+    )
     sandbox_user: str | None = "agent"
     sandbox_home: str = "/home/agent"
     auth_token: str | None = Field(

@@ -18,7 +18,13 @@ from anyio.abc import TaskGroup
 from mcp_sandboxes.backends.base import AgentSpec, Backend, Turn, TurnResult
 from mcp_sandboxes.backends.registry import backend_names, build_backend
 from mcp_sandboxes.config import Settings
-from mcp_sandboxes.errors import ConflictError, InvalidInputError, McpSandboxesError, NotFoundError
+from mcp_sandboxes.errors import (
+    ConflictError,
+    InvalidInputError,
+    McpSandboxesError,
+    NotFoundError,
+    SandboxGoneError,
+)
 from mcp_sandboxes.events import (
     ErrorInfo,
     Event,
@@ -38,7 +44,7 @@ from mcp_sandboxes.orchestrator.access import AgentAccess
 from mcp_sandboxes.orchestrator.bus import EventBus, SessionChanged
 from mcp_sandboxes.orchestrator.environments import EnvironmentRequest, EnvironmentService
 from mcp_sandboxes.orchestrator.providers import ProviderPool
-from mcp_sandboxes.orchestrator.runner import RunningTurn, run_turn
+from mcp_sandboxes.orchestrator.runner import OomWatch, RunningTurn, kill_marked, removed_reason, run_turn
 from mcp_sandboxes.orchestrator.subagents import (
     REDACTED_AUTHORIZATION,
     SERVER_NAME,
@@ -80,6 +86,10 @@ class SessionWorker:
     scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
     stopping: bool = False
     exited: anyio.Event = field(default_factory=anyio.Event)
+    # Set (with the reason) once the sandbox is known to have been removed behind our back: the
+    # worker then fails the session and ends.
+    removed: str | None = None
+    oom: OomWatch | None = None
 
 
 class Orchestrator:
@@ -114,6 +124,7 @@ class Orchestrator:
                 self._task_group = task_group
                 try:
                     await self._recover()
+                    task_group.start_soon(self._watch_sandboxes, name="sandbox-liveness")
                     yield self
                 finally:
                     task_group.cancel_scope.cancel()
@@ -131,27 +142,11 @@ class Orchestrator:
         self._task_group.start_soon(self._work, worker, name=f"session-{worker.session_id}")
 
     async def _recover(self) -> None:
-        """After a restart: reattach live sessions' sandboxes, close turns cut off mid-way."""
+        """After a restart: reattach live sessions' sandboxes, close turns cut off mid-way and
+        kill what those turns left running in the sandbox (found by their turn marker, since the
+        CLI and its tools keep running when the server dies)."""
         for session in await self.db.list_sessions(LIVE_STATUSES):
-            for turn in await self.db.list_turns(session.id, "running"):
-                await self.db.finish_turn(
-                    session.id,
-                    turn.idx,
-                    status="failed",
-                    stop_reason="error",
-                    final_text=None,
-                    error="the server restarted during this turn",
-                    usage=None,
-                )
-                await self._emit(
-                    session.id,
-                    [
-                        SessionError(
-                            error=ErrorInfo(type="server_restarted", message="the server restarted during this turn")
-                        ),
-                        SessionStatusIdle(stop_reason=StopReason(type="error")),
-                    ],
-                )
+            cut_off = await self.db.list_turns(session.id, "running")
             sandbox: Sandbox | None = None
             env = await self.db.find_environment(session.environment_id)
             try:
@@ -162,11 +157,103 @@ class Orchestrator:
             except McpSandboxesError as exc:
                 logger.warning("session %s cannot be resumed: %s", session.id, exc)
                 sandbox = None
+            message = "the server restarted during this turn"
+            if sandbox is not None and cut_off:
+                message += await self._end_leftovers(sandbox, session.id)
+            for turn in cut_off:
+                await self.db.finish_turn(
+                    session.id,
+                    turn.idx,
+                    status="failed",
+                    stop_reason="error",
+                    final_text=None,
+                    error=message,
+                    usage=None,
+                )
+                await self._emit(
+                    session.id,
+                    [
+                        SessionError(error=ErrorInfo(type="server_restarted", message=message)),
+                        SessionStatusIdle(stop_reason=StopReason(type="error")),
+                    ],
+                )
             if sandbox is None:
                 await self._fail(session.id, "its sandbox no longer exists (removed while the server was down)")
                 continue
             await self.db.update_session(session.id, status="idle")
             self._spawn(SessionWorker(session_id=session.id, sandbox=sandbox, backend=backend))
+
+    async def _end_leftovers(self, sandbox: Sandbox, session_id: str) -> str:
+        """Kill what a cut-off turn of the session left running; says what, for its error."""
+        try:
+            with anyio.fail_after(LEFTOVER_KILL_TIMEOUT_S):
+                killed = await kill_marked(sandbox, session_id)
+        except (McpSandboxesError, TimeoutError) as exc:
+            logger.warning("session %s: the cut-off turn's processes could not be ended: %s", session_id, exc)
+            return f"; what it left running could not be ended ({exc})"
+        if not killed:
+            return "; it left nothing running"
+        shown = redact("; ".join(killed[:LEFTOVERS_SHOWN]), self.secret_values())
+        more = f" and {len(killed) - LEFTOVERS_SHOWN} more" if len(killed) > LEFTOVERS_SHOWN else ""
+        return f"; killed {len(killed)} process(es) it left running: {shown}{more}"
+
+    # -- sandbox liveness --------------------------------------------------------------------
+
+    async def _sandbox_exists(self, provider_name: str, sandbox_id: str) -> bool:
+        """False only when the provider says the sandbox is gone; an engine that does not answer
+        (down, slow) is no proof, so then True."""
+        try:
+            with anyio.fail_after(LIVENESS_CHECK_TIMEOUT_S):
+                provider = await self.providers.get(provider_name)
+                return await provider.attach(sandbox_id) is not None
+        except SandboxGoneError:
+            return False
+        except (McpSandboxesError, TimeoutError) as exc:
+            logger.warning("cannot tell whether sandbox %s still exists: %s", sandbox_id, exc)
+            return True
+
+    async def _check_worker_sandbox(self, worker: SessionWorker) -> bool:
+        """Whether the worker's sandbox still exists; when it does not, the worker is told (it
+        fails the session and ends) and this returns False."""
+        if worker.removed is not None:
+            return False
+        session = await self.db.get_session(worker.session_id)
+        env = await self.db.find_environment(session.environment_id)
+        if env is None or await self._sandbox_exists(env.provider, worker.sandbox.id):
+            return True
+        if worker.removed is None:
+            worker.removed = removed_reason(worker.sandbox.id)
+        worker.wake.set()
+        return False
+
+    async def _watch_sandboxes(self) -> None:
+        """Fail live sessions whose sandbox vanished while idle (a running turn finds out itself)."""
+        interval = self.settings.server.liveness_interval_s
+        while True:
+            await anyio.sleep(interval)
+            for worker in list(self._workers.values()):
+                if worker.stopping or worker.current is not None or worker.removed is not None:
+                    continue
+                try:
+                    await self._check_worker_sandbox(worker)
+                except NotFoundError:
+                    continue  # the session was deleted meanwhile
+                except Exception:  # a check that breaks must not take the server down with it
+                    logger.exception("checking the sandbox of session %s failed", worker.session_id)
+
+    async def _end_removed(self, worker: SessionWorker, reason: str) -> None:
+        """The sandbox is gone: queued turns fail, the session fails with the true cause."""
+        for turn in await self.db.list_turns(worker.session_id, "queued"):
+            await self.db.finish_turn(
+                worker.session_id,
+                turn.idx,
+                status="failed",
+                stop_reason=None,
+                final_text=None,
+                error=reason,
+                usage=None,
+            )
+        await self._fail(worker.session_id, reason)
 
     # -- events ----------------------------------------------------------------------------
 
@@ -364,13 +451,21 @@ class Orchestrator:
             raise InvalidInputError("text", "is empty; say what the agent should do next")
         session = await self.db.get_session(session_id)
         if session.status not in LIVE_STATUSES:
+            cause = f" ({session.last_error})" if session.status == "failed" and session.last_error else ""
             raise ConflictError(
-                f"session_id: session {session_id} is {session.status}; it cannot take messages."
+                f"session_id: session {session_id} is {session.status}{cause}; it cannot take messages."
                 " Spawn a new agent with spawn_agent"
             )
         worker = self._workers.get(session_id)
         if worker is None:
             raise ConflictError(f"session_id: session {session_id} has no running worker; stop it and spawn anew")
+        if worker.current is None and not await self._check_worker_sandbox(worker):
+            # The worker fails the session with the cause; say the same to this caller.
+            with anyio.move_on_after(KILL_TIMEOUT_S):
+                await worker.exited.wait()
+            raise ConflictError(
+                f"session_id: session {session_id} failed: {worker.removed}. Spawn a new agent with spawn_agent"
+            )
         turn = await self.db.enqueue_turn(session_id, text)
         worker.wake.set()
         return await self.get_session(session_id), turn.idx
@@ -493,6 +588,9 @@ class Orchestrator:
         try:
             with worker.scope:
                 while True:
+                    if worker.removed is not None:
+                        await self._end_removed(worker, worker.removed)
+                        return
                     queued = await self.db.list_turns(worker.session_id, "queued")
                     if not queued:
                         worker.wake = anyio.Event()
@@ -537,6 +635,18 @@ class Orchestrator:
         async def emit(events: Sequence[Event]) -> None:
             await self._emit(session_id, events)
 
+        async def save_native_id(native_id: str) -> None:
+            # At once, not at the turn's end: a server killed mid-turn must still resume it.
+            await self.db.update_session(session_id, native_session_id=native_id)
+
+        provider_name = env.provider
+        sandbox_id = worker.sandbox.id
+
+        async def sandbox_exists() -> bool:
+            return await self._sandbox_exists(provider_name, sandbox_id)
+
+        if worker.oom is None:
+            worker.oom = OomWatch(memory_mb=env.spec.limits.memory_mb)
         result: TurnResult
         try:
             result = await run_turn(
@@ -547,6 +657,9 @@ class Orchestrator:
                 emit=emit,
                 user=env.spec.user or self.settings.server.sandbox_user,
                 timeout_s=self.turn_timeout_s,
+                on_native_id=save_native_id,
+                sandbox_exists=sandbox_exists,
+                oom=worker.oom,
             )
         except McpSandboxesError as exc:
             result = TurnResult(stop_reason="error", error=str(exc))
@@ -554,6 +667,8 @@ class Orchestrator:
         finally:
             handle.done.set()
             worker.current = None
+        if handle.removed is not None:
+            worker.removed = handle.removed
         with anyio.CancelScope(shield=True):
             await self._record_outcome(worker, session, turn_record.idx, result)
 
@@ -577,6 +692,14 @@ class Orchestrator:
         }
         if result.native_session_id:
             fields["native_session_id"] = result.native_session_id
+        if worker.removed is not None:
+            # The session fails next (the worker's loop); it does not pass through idle.
+            del fields["stop_reason"], fields["last_error"]
+            await self.db.update_session(session.id, **fields)
+            done = worker.turn_done.pop(idx, None)
+            if done is not None:
+                done.set()
+            return
         await self._set_status(session.id, "idle", **fields)
         await self._emit(
             session.id, [SessionStatusIdle(stop_reason=StopReason(type=result.stop_reason))], status_changed=True
@@ -657,6 +780,11 @@ class Orchestrator:
 
 
 KILL_TIMEOUT_S = 10.0
+# Bounds of recovery's kill of a cut-off turn's processes and of one sandbox liveness check.
+LEFTOVER_KILL_TIMEOUT_S = 60.0
+LIVENESS_CHECK_TIMEOUT_S = 30.0
+# Killed processes named in a cut-off turn's error.
+LEFTOVERS_SHOWN = 10
 
 
 def turn_view(turn: TurnRecord) -> TurnView:

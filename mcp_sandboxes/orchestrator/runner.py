@@ -1,8 +1,16 @@
 """Runs one turn: the backend's command in the session's sandbox, stdout through the
-translator, every event persisted then published, the outcome recorded."""
+translator, every event persisted then published, the outcome recorded.
+
+Every turn's command gets TURN_MARKER_ENV=<session id>:<turn index> in its environment, which
+every process it starts inherits: after a crash of the server, `kill_marked` finds what a cut-off
+turn left running in a reattached sandbox, however its processes were re-parented. A failed
+command is explained before it is reported: a sandbox removed behind our back, or a kill by the
+sandbox's out-of-memory killer, is said as such rather than as the CLI's exit code."""
 
 from __future__ import annotations
 
+import logging
+import re
 import signal
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -10,15 +18,135 @@ from dataclasses import dataclass, field
 import anyio
 
 from mcp_sandboxes.backends.base import Backend, Command, Translator, Turn, TurnResult
-from mcp_sandboxes.errors import ProviderError
+from mcp_sandboxes.errors import McpSandboxesError, ProviderError
 from mcp_sandboxes.events import ErrorInfo, Event, SessionError
 from mcp_sandboxes.providers.base import ExecStream, LineSplitter, Sandbox, TailBuffer
+
+logger = logging.getLogger(__name__)
 
 # After SIGINT the CLI gets this long to save its state and exit before SIGTERM, then SIGKILL.
 INTERRUPT_GRACE_S = 10.0
 KILL_GRACE_S = 5.0
+# Bounds of the small shell reads and kills the runner does in a sandbox besides the turn itself.
+PROBE_TIMEOUT_S = 30.0
+KILLED_BY_SIGKILL = 128 + signal.SIGKILL
+
+# Not under the MCP_SANDBOXES_ prefix: every variable there is read as a setting, so a server
+# started inside a turn (an agent working on this project) would refuse its environment.
+TURN_MARKER_ENV = "MCP_SANDBOX_TURN"
+_SESSION_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+# Kills, as root inside the sandbox, every process whose environment carries the marker prefix
+# ($1) and prints "PID COMMAND" for each. POSIX sh plus tr/grep/cut: busybox and Debian alike.
+# A few passes, because a marked process may fork while the first pass runs; the kills are
+# SIGKILL, so nothing marked can linger by ignoring them.
+KILL_MARKED_SCRIPT = r"""
+prefix=$1
+pass=0
+while [ "$pass" -lt 5 ]; do
+  found=0
+  for dir in /proc/[0-9]*; do
+    pid=${dir#/proc/}
+    [ "$pid" = "$$" ] && continue
+    if tr '\000' '\n' < "$dir/environ" 2>/dev/null | grep -q "^$prefix"; then
+      cmd=$(tr '\000' ' ' < "$dir/cmdline" 2>/dev/null | cut -c1-120)
+      if kill -9 "$pid" 2>/dev/null; then
+        echo "$pid $cmd"
+        found=1
+      fi
+    fi
+  done
+  [ "$found" = 0 ] && break
+  pass=$((pass + 1))
+done
+"""
+
+# Prints the sandbox's cgroup count of out-of-memory kills (cgroup v2, then v1), or exits 1.
+OOM_KILLS_SCRIPT = r"""
+for f in /sys/fs/cgroup/memory.events /sys/fs/cgroup/memory/memory.oom_control; do
+  if [ -r "$f" ]; then
+    while read -r key value; do
+      if [ "$key" = oom_kill ]; then echo "$value"; exit 0; fi
+    done < "$f"
+  fi
+done
+exit 1
+"""
 
 Emit = Callable[[Sequence[Event]], Awaitable[None]]
+# Told the CLI's own session id as soon as the translator knows it (so a crash cannot lose it).
+NativeIdSink = Callable[[str], Awaitable[None]]
+# Whether the sandbox still exists (asked only after a command failed).
+SandboxExists = Callable[[], Awaitable[bool]]
+
+
+def turn_marker(session_id: str, index: int) -> str:
+    """The value of TURN_MARKER_ENV for one turn."""
+    return f"{session_id}:{index}"
+
+
+def removed_reason(sandbox_id: str) -> str:
+    return f"its sandbox {sandbox_id} was removed outside mcp-sandboxes"
+
+
+async def kill_marked(sandbox: Sandbox, session_id: str) -> list[str]:
+    """SIGKILL every process in the sandbox left by any turn of `session_id` (call it only when
+    none of its turns runs); returns "PID COMMAND" of each killed process."""
+    if not _SESSION_ID.fullmatch(session_id):
+        raise ValueError(f"not a session id: {session_id!r}")
+    prefix = f"{TURN_MARKER_ENV}={session_id}:"
+    result = await sandbox.exec(["sh", "-c", KILL_MARKED_SCRIPT, "sh", prefix], user="0", timeout=PROBE_TIMEOUT_S)
+    if not result.ok:
+        raise ProviderError(
+            f"sandbox {sandbox.id}: killing the processes of a cut-off turn exited {result.exit_code}:"
+            f" {result.stderr.decode('utf-8', 'replace').strip()[-300:]}"
+        )
+    killed = [line.strip() for line in result.stdout.decode("utf-8", "replace").splitlines() if line.strip()]
+    return list(dict.fromkeys(killed))
+
+
+async def read_oom_kills(sandbox: Sandbox) -> int | None:
+    """The sandbox cgroup's count of out-of-memory kills; None where it cannot be read."""
+    try:
+        result = await sandbox.exec(["sh", "-c", OOM_KILLS_SCRIPT], timeout=PROBE_TIMEOUT_S)
+    except McpSandboxesError as exc:
+        logger.debug("reading the OOM kill count of %s failed: %s", sandbox.id, exc)
+        return None
+    text = result.stdout.decode("utf-8", "replace").strip()
+    return int(text) if result.ok and text.isdigit() else None
+
+
+@dataclass
+class OomWatch:
+    """A sandbox's count of out-of-memory kills as last seen, so that a SIGKILL can be told
+    apart from a kill by its memory limit (the count only grows, over the sandbox's life)."""
+
+    memory_mb: int | None
+    seen: int | None = None
+    read: bool = False
+
+    async def baseline(self, sandbox: Sandbox) -> None:
+        if not self.read:
+            self.seen = await read_oom_kills(sandbox)
+            self.read = True
+
+    async def killed_since(self, sandbox: Sandbox) -> bool:
+        now = await read_oom_kills(sandbox)
+        killed = now is not None and now > (self.seen or 0)
+        if now is not None:
+            self.seen = now
+        return killed
+
+    def message(self) -> str:
+        if self.memory_mb is None:
+            return (
+                "killed for running out of memory: the environment has no memory limit (memory_mb), so the"
+                " host itself ran short; free memory on the host or give the environment a memory_mb"
+            )
+        return (
+            f"killed for running out of memory: the environment's memory limit is {self.memory_mb} MiB"
+            " (memory_mb); raise it"
+        )
 
 
 @dataclass
@@ -28,6 +156,8 @@ class RunningTurn:
     index: int
     stream: ExecStream | None = None
     interrupted: bool = False
+    # Set when the turn failed because its sandbox was removed: the reason to report.
+    removed: str | None = None
     done: anyio.Event = field(default_factory=anyio.Event)
 
     async def interrupt(self) -> None:
@@ -59,15 +189,32 @@ async def run_turn(
     emit: Emit,
     user: str | None,
     timeout_s: float,
+    on_native_id: NativeIdSink | None = None,
+    sandbox_exists: SandboxExists | None = None,
+    oom: OomWatch | None = None,
 ) -> TurnResult:
+    """`on_native_id` hears the CLI's session id the moment it is known; `sandbox_exists` and
+    `oom` explain a failed command (sandbox removed: `handle.removed` is set and the CLI's own
+    error dropped; killed by the memory limit: said so in the turn's error)."""
     command = backend.command(turn)
+    marker = {TURN_MARKER_ENV: turn_marker(turn.session_id, turn.index)}
+    command = command.model_copy(update={"env": {**command.env, **marker}})
     translator = backend.translator()
+    native = _NativeId(translator, on_native_id, turn.resume_id)
+    if oom is not None:
+        await oom.baseline(sandbox)
     outcome = _Attempt()
     with anyio.move_on_after(timeout_s) as deadline:
         attempt = 1
         while True:
             outcome = _Attempt()
-            await _run_once(outcome, sandbox, command, translator, turn, handle, emit, user)
+            try:
+                await _run_once(outcome, sandbox, command, translator, turn, handle, native.emitter(emit), user)
+            except ProviderError:
+                if sandbox_exists is None or handle.interrupted or await sandbox_exists():
+                    raise
+                handle.removed = removed_reason(sandbox.id)
+                break
             retry = command.retry
             if handle.interrupted or retry is None:
                 break
@@ -82,9 +229,31 @@ async def run_turn(
     timed_out = deadline.cancelled_caught
     if timed_out:
         handle.interrupted = True
-    await emit(translator.finish(outcome.exit_code, outcome.stderr))
+    failed = outcome.exit_code != 0 and not handle.interrupted
+    if failed and handle.removed is None and sandbox_exists is not None and not await sandbox_exists():
+        handle.removed = removed_reason(sandbox.id)
+    out_of_memory = (
+        failed
+        and handle.removed is None
+        and outcome.exit_code == KILLED_BY_SIGKILL
+        and oom is not None
+        and await oom.killed_since(sandbox)
+    )
+    finished = translator.finish(outcome.exit_code, outcome.stderr)
+    if handle.removed is not None:
+        # The CLI's own error ("exit 137") would blame it for what was done to its sandbox.
+        finished = [event for event in finished if not isinstance(event, SessionError)]
+    await native.emitter(emit)(finished)
     result = translator.result.model_copy()
-    if timed_out:
+    if handle.removed is not None:
+        await emit([SessionError(error=ErrorInfo(type="sandbox_removed", message=handle.removed))])
+        result.stop_reason = "error"
+        result.error = handle.removed
+    elif out_of_memory and oom is not None:
+        await emit([SessionError(error=ErrorInfo(type="out_of_memory", message=oom.message()))])
+        result.stop_reason = "error"
+        result.error = oom.message()
+    elif timed_out:
         await emit(
             [SessionError(error=ErrorInfo(type="turn_timeout", message=f"the turn ran longer than {timeout_s:g}s"))]
         )
@@ -93,6 +262,23 @@ async def run_turn(
     elif handle.interrupted:
         result.stop_reason = "interrupted"
     return result
+
+
+class _NativeId:
+    """Passes the CLI's session id on as soon as the translator has it, and again if it changes."""
+
+    def __init__(self, translator: Translator, sink: NativeIdSink | None, known: str | None) -> None:
+        self._translator, self._sink, self._known = translator, sink, known
+
+    def emitter(self, emit: Emit) -> Emit:
+        async def emit_then_check(events: Sequence[Event]) -> None:
+            await emit(events)
+            current = self._translator.result.native_session_id
+            if self._sink is not None and current and current != self._known:
+                self._known = current
+                await self._sink(current)
+
+        return emit_then_check
 
 
 @dataclass
