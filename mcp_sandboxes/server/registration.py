@@ -4,17 +4,21 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Awaitable, Callable
+import logging
+from collections.abc import Awaitable, Callable, Mapping
 from contextlib import AbstractAsyncContextManager
 from contextvars import ContextVar
 from typing import Annotated, Any, TypeVar
 
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
+from mcp.server.mcpserver.utilities.func_metadata import FuncMetadata
 from mcp_types import ToolAnnotations
 from pydantic import BaseModel, Field, ValidationError
 
 from mcp_sandboxes.errors import McpSandboxesError
+
+logger = logging.getLogger(__name__)
 
 InputT = TypeVar("InputT", bound=BaseModel)
 OutputT = TypeVar("OutputT", bound=BaseModel)
@@ -30,11 +34,86 @@ current_progress: ContextVar[Callable[[float, float | None, str | None], Awaitab
 CONTEXT_PARAMETER = "mcp_call_context"
 
 
-def describe_validation_error(exc: ValidationError) -> str:
+# What each kind of pydantic error means to a caller, and what to do about it. The caller's
+# value is never echoed (it may be huge or hostile), nor pydantic's documentation URL.
+_TYPE_NAMES = {
+    "string": "a string",
+    "int": "an integer",
+    "float": "a number",
+    "bool": "true or false",
+    "list": "a list",
+    "dict": "an object",
+    "model": "an object",
+}
+
+
+def _field_name(loc: tuple[int | str, ...]) -> tuple[str, bool]:
+    """`setup_commands[1]`, `env.PATH`; the flag says the error is about a dict key."""
+    name, is_key = "", False
+    for part in loc:
+        if part == "[key]":
+            is_key = True
+        elif isinstance(part, int):
+            name += f"[{part}]"
+        else:
+            name += f".{part}" if name else str(part)
+    return name or "arguments", is_key
+
+
+def _problem(error: Mapping[str, Any], fields: list[str]) -> str:
+    kind: str = error["type"]
+    ctx: Mapping[str, Any] = error.get("ctx") or {}
+    if kind == "missing":
+        return "is required; give it a value"
+    if kind == "extra_forbidden":
+        return "is not an argument of this tool; remove it" + (
+            f" (it takes: {', '.join(fields)})" if fields else " (it takes none)"
+        )
+    if kind == "value_error" and "error" in ctx:
+        return str(ctx["error"])
+    if kind == "string_too_long":
+        return f"is too long: at most {ctx['max_length']:,} characters; shorten it"
+    if kind == "string_too_short":
+        return (
+            "is empty; give a value" if ctx.get("min_length") == 1 else f"needs at least {ctx['min_length']} characters"
+        )
+    if kind == "too_long":
+        return f"has too many items: at most {ctx['max_length']:,}; send fewer"
+    if kind == "too_short":
+        return f"needs at least {ctx['min_length']} item(s); add one"
+    if kind in ("less_than_equal", "less_than", "greater_than_equal", "greater_than"):
+        bound = next(iter(ctx.values()))
+        words = {
+            "less_than_equal": "at most",
+            "less_than": "less than",
+            "greater_than_equal": "at least",
+            "greater_than": "greater than",
+        }[kind]
+        return (
+            f"must be {words} {bound:g}; use a value in range"
+            if isinstance(bound, float)
+            else (f"must be {words} {bound}; use a value in range")
+        )
+    if kind == "finite_number":
+        return "must be a finite number (not NaN or infinity)"
+    if kind == "int_from_float":
+        return "must be a whole number"
+    if kind == "literal_error" or kind == "enum":
+        return f"must be one of {ctx.get('expected', 'the listed values')}"
+    for prefix, name in _TYPE_NAMES.items():
+        if kind.startswith(prefix + "_"):
+            return f"must be {name}"
+    return f"is not valid ({error.get('msg', kind)})"
+
+
+def describe_validation_error(exc: ValidationError, fields: list[str] | None = None) -> str:
+    """Every problem as "field: what is wrong; what to do", joined; `fields` are the tool's
+    argument names (listed when an unknown one was sent)."""
     problems = []
-    for error in exc.errors():
-        field = ".".join(str(part) for part in error["loc"]) or "arguments"
-        problems.append(f"{field}: {error['msg']}")
+    for error in exc.errors(include_url=False, include_input=False):
+        field, is_key = _field_name(error["loc"])
+        problem = _problem(error, fields or [])
+        problems.append(f"{field}: {'the name ' if is_key else ''}{problem}")
     return "invalid arguments: " + "; ".join(problems)
 
 
@@ -66,15 +145,23 @@ def register_tool(
         try:
             request = input_model.model_validate(arguments)
         except ValidationError as exc:
-            raise ToolError(describe_validation_error(exc)) from None
+            raise ToolError(describe_validation_error(exc, list(input_model.model_fields))) from None
         reset = current_progress.set(context.report_progress if isinstance(context, Context) else None)
         try:
             if call_scope is None:
                 return await handler(request)
             async with call_scope(http_request(context)):
                 return await handler(request)
-        except McpSandboxesError as exc:
+        except (McpSandboxesError, ToolError) as exc:
             raise ToolError(str(exc)) from exc
+        except Exception as exc:
+            # A bug, not the caller's mistake: the traceback goes to the server's log and the caller
+            # learns what happened and what to do, instead of the SDK's bare "Error executing tool".
+            logger.exception("tool %s failed unexpectedly", name)
+            raise ToolError(
+                f"{name}: the server failed unexpectedly ({type(exc).__name__}); this is a bug in mcp-sandboxes,"
+                " not in your arguments. The server's log has the details; retry, or report it with that log"
+            ) from exc
         finally:
             current_progress.reset(reset)
 
@@ -96,13 +183,30 @@ def http_request(context: Any) -> Any:
         return None
 
 
+class _ArgumentsCheckedByTheTool(FuncMetadata):
+    """The SDK validates arguments against its own model before the tool runs and answers a
+    mistake with pydantic's raw text (a docs URL, the input echoed). Here it only unpacks
+    JSON-in-a-string arguments (as some clients send lists) and passes everything, unknown
+    keys included, to the tool, whose input model checks it and says what to fix."""
+
+    def validate_arguments(self, arguments_to_validate: dict[str, Any]) -> dict[str, Any]:
+        arguments = self.pre_parse_json(arguments_to_validate)
+        arguments.pop(CONTEXT_PARAMETER, None)  # only the SDK fills it
+        return arguments
+
+
 def _forbid_unknown_arguments(server: MCPServer[Any], name: str) -> None:
     """The SDK ignores arguments a tool does not declare; a typo such as `memory` for `memory_mb`
-    would then silently do nothing. Reject them instead, in the schema and at validation."""
+    would then silently do nothing. Reject them instead: in the published schema, and at
+    validation (the tool's input model forbids extra keys)."""
     registered = server._tool_manager.get_tool(name)
     if registered is None:  # pragma: no cover - registered just above
         raise RuntimeError(f"tool {name} was not registered")
-    base = registered.fn_metadata.arg_model
-    strict = type(base.__name__, (base,), {"model_config": {**base.model_config, "extra": "forbid"}})
-    registered.fn_metadata.arg_model = strict
+    metadata = registered.fn_metadata
+    registered.fn_metadata = _ArgumentsCheckedByTheTool(
+        arg_model=metadata.arg_model,
+        output_schema=metadata.output_schema,
+        output_model=metadata.output_model,
+        wrap_output=metadata.wrap_output,
+    )
     registered.parameters["additionalProperties"] = False

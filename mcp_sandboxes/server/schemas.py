@@ -2,16 +2,129 @@
 
 from __future__ import annotations
 
-from typing import Literal
+import re
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from annotated_types import Ge, Le
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 from mcp_sandboxes.events import EVENT_TYPES, Usage
 from mcp_sandboxes.orchestrator.views import EnvironmentView, SessionView
+from mcp_sandboxes.providers.base import ResourceLimits
 from mcp_sandboxes.store.records import SessionStatus
 
 MAX_WAIT_S = 600.0
 MAX_LONG_POLL_S = 60.0
+
+# Bounds checked here, at the door, so that a value the layers below cannot take is refused by
+# name instead of failing later (at spawn, in SQLite, or in the kernel's execve).
+# SQLite integers are signed 64-bit.
+MAX_CURSOR = 2**63 - 1
+# Docker's NanoCpus resolution allows far less, but below a hundredth of a core nothing runs.
+MIN_CPUS = 0.01
+# Linux refuses a single argv element over 128 KiB (MAX_ARG_STRLEN); UTF-8 takes up to 4 bytes
+# a character, so an argv-bound text of at most 32,000 characters always fits.
+MAX_ARGUMENT_CHARS = 32_000
+# Prompts and messages go to the agent CLIs on stdin, so they may be long.
+MAX_PROMPT_CHARS = 1_000_000
+MAX_NAME_CHARS = 63
+MAX_REF_CHARS = 128
+MAX_MODEL_CHARS = 200
+MAX_TOOL_RULE_CHARS = 256
+MAX_TOOL_RULES = 100
+MAX_IMAGE_CHARS = 512
+MAX_PATH_CHARS = 1024
+MAX_ENV_VARS = 100
+MAX_ENV_KEY_CHARS = 128
+# All variables together: the environment of every process in the sandbox shares execve's limit.
+MAX_ENV_TOTAL_CHARS = 100_000
+MAX_SETUP_COMMANDS = 50
+MAX_EVENT_TYPES = 50
+
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
+ENV_KEY_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+MODEL_PATTERN = re.compile(r"[A-Za-z0-9_.:/@+=\[\]-]+")
+# Tool names and Claude's permission rules: "Bash", "mcp__srv__tool", "Bash(git diff:*)", "Read(~/src/**)".
+TOOL_RULE_PATTERN = re.compile(r"[A-Za-z0-9_.:*()/ ~@=,+?\[\]-]+")
+
+
+def _limit(field: str, kind: type[Ge] | type[Le]) -> int:
+    """A bound of ResourceLimits, so the schema and the providers agree on one number."""
+    for item in ResourceLimits.model_fields[field].metadata:
+        bound: object = item.ge if isinstance(item, Ge) and kind is Ge else None
+        bound = item.le if isinstance(item, Le) and kind is Le else bound
+        if isinstance(bound, int):
+            return bound
+    raise LookupError(f"ResourceLimits.{field} has no {kind.__name__} bound")  # pragma: no cover
+
+
+def _no_nul(value: str) -> str:
+    if "\x00" in value:
+        raise ValueError("contains a NUL character; remove it")
+    return value
+
+
+def _no_controls(value: str) -> str:
+    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise ValueError("contains control characters (newline, tab, escape or NUL); remove them")
+    return value
+
+
+def _not_an_option(value: str) -> str:
+    # Values that end up as command-line arguments must never be read as an option.
+    if value.startswith("-"):
+        raise ValueError("must not start with '-' (it would be read as a command-line option)")
+    return value
+
+
+def _matches(pattern: re.Pattern[str], allowed: str) -> AfterValidator:
+    def check(value: str) -> str:
+        if not pattern.fullmatch(value):
+            raise ValueError(f"has characters that are not allowed; use {allowed}")
+        return value
+
+    return AfterValidator(check)
+
+
+# A required name, id or short token: one line, no control characters.
+Ref = Annotated[str, Field(min_length=1, max_length=MAX_REF_CHARS), AfterValidator(_no_controls)]
+# A short name that may become a command-line argument (a provider, a backend).
+Word = Annotated[str, Field(min_length=1, max_length=64), AfterValidator(_no_controls), AfterValidator(_not_an_option)]
+EnvironmentName = Annotated[
+    str,
+    Field(min_length=1, max_length=MAX_NAME_CHARS),
+    _matches(NAME_PATTERN, "1-63 letters, digits, '.', '_' or '-', starting with a letter or digit"),
+]
+Image = Annotated[
+    str,
+    Field(min_length=1, max_length=MAX_IMAGE_CHARS),
+    AfterValidator(_no_controls),
+    AfterValidator(_not_an_option),
+]
+SandboxPath = Annotated[str, Field(min_length=1, max_length=MAX_PATH_CHARS), AfterValidator(_no_controls)]
+EnvKey = Annotated[
+    str,
+    Field(min_length=1, max_length=MAX_ENV_KEY_CHARS),
+    _matches(ENV_KEY_PATTERN, "letters, digits and '_', not starting with a digit"),
+]
+EnvValue = Annotated[str, Field(max_length=MAX_ARGUMENT_CHARS), AfterValidator(_no_nul)]
+SetupCommand = Annotated[str, Field(min_length=1, max_length=MAX_ARGUMENT_CHARS), AfterValidator(_no_nul)]
+Model = Annotated[
+    str,
+    Field(min_length=1, max_length=MAX_MODEL_CHARS),
+    AfterValidator(_not_an_option),
+    _matches(MODEL_PATTERN, "letters, digits and . _ : / @ + = [ ] -, e.g. claude-sonnet-4-5"),
+]
+ToolRule = Annotated[
+    str,
+    Field(min_length=1, max_length=MAX_TOOL_RULE_CHARS),
+    AfterValidator(_not_an_option),
+    _matches(TOOL_RULE_PATTERN, "a tool name or rule such as Bash, mcp__server__tool or Bash(git diff:*)"),
+]
+SystemPrompt = Annotated[
+    str, Field(max_length=MAX_ARGUMENT_CHARS), AfterValidator(_no_nul), AfterValidator(_not_an_option)
+]
+Prompt = Annotated[str, Field(max_length=MAX_PROMPT_CHARS), AfterValidator(_no_nul)]
 
 
 class _Input(BaseModel):
@@ -19,25 +132,51 @@ class _Input(BaseModel):
 
 
 class CreateEnvironmentInput(_Input):
-    name: str = Field(description="Unique name, e.g. 'py-project'. Letters, digits, '.', '_' or '-'.")
-    provider: str | None = Field(default=None, description="Sandbox provider, e.g. 'docker'. Default from config.")
-    image: str | None = Field(default=None, description="Image to run, e.g. 'mcp-sandboxes/base:latest'.")
-    env: dict[str, str] = Field(default_factory=dict, description="Environment variables set in every sandbox.")
-    workdir: str = Field(default="/workspace", description="Absolute working directory inside the sandbox.")
+    name: EnvironmentName = Field(description="Unique name, e.g. 'py-project'. 1-63 letters, digits, '.', '_' or '-'.")
+    provider: Word | None = Field(default=None, description="Sandbox provider, e.g. 'docker'. Default from config.")
+    image: Image | None = Field(default=None, description="Image to run, e.g. 'mcp-sandboxes/base:latest'.")
+    env: dict[EnvKey, EnvValue] = Field(
+        default_factory=dict,
+        max_length=MAX_ENV_VARS,
+        description=f"Environment variables set in every sandbox (at most {MAX_ENV_VARS},"
+        f" {MAX_ENV_TOTAL_CHARS:,} characters in all).",
+    )
+    workdir: SandboxPath = Field(default="/workspace", description="Absolute working directory inside the sandbox.")
     network: Literal["none", "host"] = Field(
         default="none", description="'none': loopback only. 'host': the host's network (agents reaching a model API)."
     )
-    cpus: float | None = Field(default=None, gt=0, le=256, description="CPU limit in cores, e.g. 1.5.")
-    memory_mb: int | None = Field(default=None, ge=16, description="Memory limit in MiB, e.g. 2048.")
-    pids_limit: int | None = Field(default=None, ge=8, description="Maximum number of processes.")
-    setup_commands: list[str] = Field(
+    cpus: float | None = Field(
+        default=None,
+        ge=MIN_CPUS,
+        le=256,
+        allow_inf_nan=False,
+        description=f"CPU limit in cores, e.g. 1.5 ({MIN_CPUS} up to the engine's CPU count).",
+    )
+    memory_mb: int | None = Field(
+        default=None,
+        ge=_limit("memory_mb", Ge),
+        le=_limit("memory_mb", Le),
+        description="Memory limit in MiB, e.g. 2048.",
+    )
+    pids_limit: int | None = Field(
+        default=None, ge=_limit("pids", Ge), le=_limit("pids", Le), description="Maximum number of processes."
+    )
+    setup_commands: list[SetupCommand] = Field(
         default_factory=list,
+        max_length=MAX_SETUP_COMMANDS,
         description="Shell commands run once, as root, in each new sandbox before the agent starts.",
     )
 
+    @field_validator("env")
+    @classmethod
+    def _env_fits(cls, value: dict[str, str]) -> dict[str, str]:
+        if sum(len(key) + len(item) + 2 for key, item in value.items()) > MAX_ENV_TOTAL_CHARS:
+            raise ValueError(f"more than {MAX_ENV_TOTAL_CHARS:,} characters in all; pass large data as a file")
+        return value
+
 
 class EnvironmentRefInput(_Input):
-    environment: str = Field(description="Environment id or name.")
+    environment: Ref = Field(description="Environment id or name.")
 
 
 class DeleteEnvironmentInput(EnvironmentRefInput):
@@ -54,16 +193,21 @@ class NoInput(_Input):
 
 
 class SpawnAgentInput(_Input):
-    environment: str = Field(description="Environment id or name to run the agent in.")
-    prompt: str = Field(description="The first message to the agent.")
-    backend: str = Field(
+    environment: Ref = Field(description="Environment id or name to run the agent in.")
+    prompt: Prompt = Field(description=f"The first message to the agent (at most {MAX_PROMPT_CHARS:,} characters).")
+    backend: Word = Field(
         default="claude",
         description="Agent CLI: 'claude', 'codex', 'gemini', 'opencode', 'factory' (Droid) or 'custom' (from config).",
     )
-    model: str | None = Field(default=None, description="Model name passed to the CLI, e.g. 'claude-sonnet-4-5'.")
-    system_prompt: str | None = Field(default=None, description="Extra system prompt appended for the agent.")
-    allowed_tools: list[str] | None = Field(
-        default=None, description="Tools the agent may use without asking, e.g. ['Bash', 'Edit', 'Read']."
+    model: Model | None = Field(default=None, description="Model name passed to the CLI, e.g. 'claude-sonnet-4-5'.")
+    system_prompt: SystemPrompt | None = Field(
+        default=None,
+        description=f"Extra system prompt appended for the agent (at most {MAX_ARGUMENT_CHARS:,} characters).",
+    )
+    allowed_tools: list[ToolRule] | None = Field(
+        default=None,
+        max_length=MAX_TOOL_RULES,
+        description="Tools the agent may use without asking, e.g. ['Bash', 'Edit', 'Read', 'Bash(git diff:*)'].",
     )
     permission_mode: Literal["default", "acceptEdits", "plan", "bypassPermissions", "dontAsk", "auto"] | None = Field(
         default=None,
@@ -77,26 +221,36 @@ class SpawnAgentInput(_Input):
         " sub-agents, within the depth limit. Needs an environment with network='host'.",
     )
     wait: bool = Field(default=False, description="Wait for the first turn to end and return its final message.")
-    timeout_s: float = Field(default=300, gt=0, le=MAX_WAIT_S, description="How long `wait` waits, in seconds.")
+    timeout_s: float = Field(
+        default=300, gt=0, le=MAX_WAIT_S, allow_inf_nan=False, description="How long `wait` waits, in seconds."
+    )
 
 
 class SessionRefInput(_Input):
-    session_id: str = Field(description="Session id, as returned by spawn_agent (ses_...).")
+    session_id: Ref = Field(description="Session id, as returned by spawn_agent (ses_...).")
 
 
 class SendMessageInput(SessionRefInput):
-    text: str = Field(description="The message. Sent while a turn runs, it is queued and becomes the next turn.")
+    text: Prompt = Field(description="The message. Sent while a turn runs, it is queued and becomes the next turn.")
     wait: bool = Field(default=False, description="Wait for this message's turn to end.")
-    timeout_s: float = Field(default=300, gt=0, le=MAX_WAIT_S, description="How long `wait` waits, in seconds.")
+    timeout_s: float = Field(
+        default=300, gt=0, le=MAX_WAIT_S, allow_inf_nan=False, description="How long `wait` waits, in seconds."
+    )
 
 
 class ReadEventsInput(SessionRefInput):
-    after: int = Field(default=0, ge=0, description="Cursor: return events with seq greater than this.")
+    after: int = Field(default=0, ge=0, le=MAX_CURSOR, description="Cursor: return events with seq greater than this.")
     limit: int = Field(default=100, ge=1, le=1000, description="Maximum number of events returned.")
     wait_s: float = Field(
-        default=0, ge=0, le=MAX_LONG_POLL_S, description="Long-poll: wait up to this many seconds for new events."
+        default=0,
+        ge=0,
+        le=MAX_LONG_POLL_S,
+        allow_inf_nan=False,
+        description="Long-poll: wait up to this many seconds for new events.",
     )
-    types: list[str] | None = Field(default=None, description="Only these event types, e.g. ['agent.message'].")
+    types: list[Annotated[str, Field(max_length=MAX_REF_CHARS)]] | None = Field(
+        default=None, max_length=MAX_EVENT_TYPES, description="Only these event types, e.g. ['agent.message']."
+    )
 
     @field_validator("types")
     @classmethod
@@ -122,7 +276,7 @@ class SessionList(BaseModel):
 
 
 class WaitForInput(_Input):
-    session_ids: list[str] = Field(
+    session_ids: list[Ref] = Field(
         min_length=1, max_length=100, description="Sessions to wait for (ses_...), e.g. the children you fanned out."
     )
     mode: Literal["all", "any"] = Field(
@@ -132,6 +286,7 @@ class WaitForInput(_Input):
         default=90,
         gt=0,
         le=MAX_WAIT_S,
+        allow_inf_nan=False,
         description="How long to wait, in seconds; capped by the server (max_call_s, default 100) so that"
         " clients do not move the call to the background. Call again to keep waiting.",
     )

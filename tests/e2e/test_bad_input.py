@@ -55,7 +55,7 @@ async def test_invalid_environment_values_are_rejected_by_field(mcp: McpSession,
     await expect_error(mcp, "create_environment", {"name": "p", "provider": "nosuch"}, "provider", "docker")
     await expect_error(mcp, "create_environment", {"name": "n", "network": "bridge"}, "network")
     await expect_error(mcp, "create_environment", {"name": "e", "env": {"1BAD": "x"}}, "env.1BAD")
-    await expect_error(mcp, "create_environment", {"name": "u", "memory": 512}, "memory", "Extra inputs")
+    await expect_error(mcp, "create_environment", {"name": "u", "memory": 512}, "memory", "not an argument")
     await expect_error(mcp, "read_events", {"session_id": "s", "types": ["agent.nope"]}, "types", "agent.message")
     await expect_error(mcp, "read_events", {"session_id": "s", "wait_s": 600}, "wait_s")
     assert count_rows(tmp_path / "data", "environments") == 0
