@@ -104,6 +104,9 @@ class Translator(Protocol):
 @runtime_checkable
 class Backend(Protocol):
     name: str
+    # The program the CLI needs on the sandbox's PATH when no host `cli_path` is mounted
+    # ("claude", "droid", ...; for custom, its command's argv[0]). `doctor` looks for it.
+    executable: str
 
     def command(self, turn: Turn) -> Command: ...
 

@@ -17,9 +17,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from mcp_sandboxes.backends import _kit
 from mcp_sandboxes.backends.base import AgentSpec, Command, RetryIf, Turn, TurnResult
 from mcp_sandboxes.config import BackendSettings
-from mcp_sandboxes.errors import BackendError, InvalidInputError
+from mcp_sandboxes.errors import BackendError
 from mcp_sandboxes.events import (
     AgentMcpToolResult,
     AgentMcpToolUse,
@@ -46,10 +47,9 @@ PREPARE_TIMEOUT_S = 30.0
 _BYPASS_MODES = frozenset({"bypassPermissions"})
 _BYPASS_FLAGS = frozenset({"--dangerously-skip-permissions"})
 # How a stopped CLI exits: 2.1.197 exits 0 without a result line on SIGINT, and 143 on
-# SIGTERM; 130 is the shell convention for SIGINT. Stopped on purpose, not crashed.
-INTERRUPT_EXIT_CODES = frozenset({0, 130, 143})
+# SIGTERM; the other signal codes as for every backend (_kit). Stopped on purpose, not crashed.
+INTERRUPT_EXIT_CODES = frozenset({0}) | _kit.SIGNAL_EXIT_CODES
 _FAILED_MCP_STATUSES = frozenset({"failed", "error", "needs-auth"})
-MAX_ERROR_TAIL = 2000
 # The CLI gives piped stdin 3 s to start arriving, then says so and exits 1 with no output and
 # no model call; a stalled machine can lose that race with the prompt already in the pipe.
 STDIN_RACE_RETRY = RetryIf(exit_code=1, stderr_contains="no stdin data received", attempts=3)
@@ -57,6 +57,7 @@ STDIN_RACE_RETRY = RetryIf(exit_code=1, stderr_contains="no stdin data received"
 
 class ClaudeBackend:
     name = NAME
+    executable = "claude"
 
     def __init__(self, *, cli_path: str = "", env: Mapping[str, str] | None = None) -> None:
         self.cli_path = cli_path
@@ -66,21 +67,20 @@ class ClaudeBackend:
     def from_settings(cls, settings: BackendSettings, environ: Mapping[str, str]) -> ClaudeBackend:
         """`pass_env` names host variables handed over when set; the fixed `env` table wins
         over them, since it was written for this backend on purpose."""
-        env = {key: environ[key] for key in settings.pass_env if environ.get(key)}
-        env.update(settings.env)
-        return cls(cli_path=settings.cli_path, env=env)
+        return cls(cli_path=settings.cli_path, env=_kit.host_env(settings.pass_env, settings.env, environ))
 
     def __repr__(self) -> str:
         # Never the values: they hold API keys.
         return f"ClaudeBackend(cli_path={self.cli_path!r}, env_keys={sorted(self._env)})"
 
     @property
-    def executable(self) -> str:
-        return CLI_TARGET if self.cli_path else "claude"
+    def program(self) -> str:
+        """argv[0]: the mounted host CLI, else the image's own on its PATH."""
+        return CLI_TARGET if self.cli_path else self.executable
 
     def command(self, turn: Turn) -> Command:
         agent = turn.agent
-        argv = [self.executable, "-p", "--output-format", "stream-json", "--verbose"]
+        argv = [self.program, "-p", "--output-format", "stream-json", "--verbose"]
         if agent.model:
             argv += ["--model", agent.model]
         if agent.system_prompt:
@@ -108,17 +108,13 @@ class ClaudeBackend:
         return ClaudeTranslator()
 
     def mounts(self) -> list[Mount]:
-        if not self.cli_path:
-            return []
-        path = Path(self.cli_path).expanduser()
-        if not path.is_file():
-            raise InvalidInputError(
-                "backends.claude.cli_path",
-                f"{self.cli_path} does not exist or is not a file; point it at the claude binary "
-                "(e.g. tools/agent-clis/node_modules/@anthropic-ai/claude-code/bin/claude.exe) or leave it "
-                "empty to use the image's own claude",
-            )
-        return [Mount(source=str(path.resolve()), target=CLI_TARGET, read_only=True)]
+        return _kit.binary_mount(
+            NAME,
+            self.cli_path,
+            CLI_TARGET,
+            points_at="the claude binary (e.g. tools/agent-clis/node_modules/@anthropic-ai/claude-code/bin/claude.exe)",
+            executable=self.executable,
+        )
 
     async def prepare(self, sandbox: Sandbox, agent: AgentSpec, *, home: str, user: str | None) -> None:
         config_dir = str(Path(home) / Path(MCP_CONFIG_PATH).parent)
@@ -186,11 +182,6 @@ def _usage(raw: Any, cost: Any = None) -> Usage:
     )
 
 
-def _tail(text: str) -> str:
-    text = text.strip()
-    return text[-MAX_ERROR_TAIL:] if len(text) > MAX_ERROR_TAIL else text
-
-
 class ClaudeTranslator:
     """stream-json lines -> events, one instance per turn; never raises on bad input."""
 
@@ -209,13 +200,9 @@ class ClaudeTranslator:
         return self._result
 
     def feed(self, line: str) -> list[Event]:
-        try:
-            data = json.loads(line)
-        except ValueError as exc:
-            snippet = line.strip()[:200]
-            return [SessionError(error=ErrorInfo(type="parse_error", message=f"{exc}: {snippet}"))]
+        data = _kit.json_object(line, NAME)
         if not isinstance(data, dict):
-            return [AgentRaw(source=NAME, data=data)]
+            return data
         kind = data.get("type")
         session_id = data.get("session_id")
         # init and result name the session the next turn resumes (a resume may fork it);
@@ -344,7 +331,7 @@ class ClaudeTranslator:
     def finish(self, exit_code: int, stderr_tail: str) -> list[Event]:
         result = self._result
         if self._got_result:
-            if exit_code in INTERRUPT_EXIT_CODES and exit_code != 0:
+            if exit_code in _kit.SIGNAL_EXIT_CODES:
                 result.stop_reason = "interrupted"
             return []
         if exit_code in INTERRUPT_EXIT_CODES:
@@ -355,9 +342,6 @@ class ClaudeTranslator:
         result.usage = sum(self._message_usage.values(), Usage())
         result.final_text = self._last_text
         result.stop_reason = "error"
-        message = f"claude exited with code {exit_code} before reporting a result"
-        tail = _tail(stderr_tail)
-        if tail:
-            message += f"; stderr: {tail}"
+        message = _kit.crash_message(f"claude exited with code {exit_code} before reporting a result", stderr_tail)
         result.error = message
         return [SessionError(error=ErrorInfo(type="cli_crashed", message=message))]

@@ -33,6 +33,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from mcp_sandboxes.backends import _kit
 from mcp_sandboxes.backends.base import AgentSpec, Command, Turn, TurnResult
 from mcp_sandboxes.config import BackendSettings
 from mcp_sandboxes.errors import BackendError, InvalidInputError
@@ -64,11 +65,9 @@ PROVIDER_ID = "mcp_sandboxes"
 PREPARE_TIMEOUT_S = 30.0
 # Codex names MCP servers in config keys and tool names; it accepts only these characters.
 _SERVER_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
-# Codex 0.169 exits 1 without a turn.completed/turn.failed line when stopped by SIGINT;
-# 130/143 are the shell's conventions for SIGINT/SIGTERM, negative numbers a direct child's.
-SIGNAL_EXIT_CODES = frozenset({130, 143, -2, -15})
+# Codex 0.169 exits 1 without a turn.completed/turn.failed line when stopped by SIGINT (mid-turn);
+# the signal exit codes every backend knows are _kit.SIGNAL_EXIT_CODES.
 SIGINT_EXIT_CODE = 1
-MAX_ERROR_TAIL = 2000
 RECONNECTING_PREFIX = "Reconnecting..."
 
 
@@ -92,6 +91,7 @@ class UsageLedger:
 
 class CodexBackend:
     name = NAME
+    executable = "codex"
 
     def __init__(self, *, cli_path: str = "", env: Mapping[str, str] | None = None) -> None:
         self.cli_path = cli_path
@@ -101,22 +101,21 @@ class CodexBackend:
     @classmethod
     def from_settings(cls, settings: BackendSettings, environ: Mapping[str, str]) -> CodexBackend:
         """`pass_env` names host variables handed over when set; the fixed `env` table wins."""
-        env = {key: environ[key] for key in settings.pass_env if environ.get(key)}
-        env.update(settings.env)
-        return cls(cli_path=settings.cli_path, env=env)
+        return cls(cli_path=settings.cli_path, env=_kit.host_env(settings.pass_env, settings.env, environ))
 
     def __repr__(self) -> str:
         # Never the values: they hold API keys.
         return f"CodexBackend(cli_path={self.cli_path!r}, env_keys={sorted(self._env)})"
 
     @property
-    def executable(self) -> str:
-        return CLI_TARGET if self.cli_path else "codex"
+    def program(self) -> str:
+        """argv[0]: the mounted host CLI, else the image's own on its PATH."""
+        return CLI_TARGET if self.cli_path else self.executable
 
     def command(self, turn: Turn) -> Command:
         agent = turn.agent
         argv = [
-            self.executable,
+            self.program,
             "exec",
             "--json",
             "--skip-git-repo-check",
@@ -146,14 +145,13 @@ class CodexBackend:
     def mounts(self) -> list[Mount]:
         if not self.cli_path:
             return []
-        path = Path(self.cli_path).expanduser()
-        if not path.is_file():
-            raise InvalidInputError(
-                "backends.codex.cli_path",
-                f"{self.cli_path} does not exist or is not a file; point it at the native codex binary "
-                "(e.g. tools/agent-clis/node_modules/@openai/codex-linux-x64/vendor/x86_64-unknown-linux-musl/"
-                "bin/codex) or leave it empty to use the image's own codex",
-            )
+        path = _kit.cli_file(
+            NAME,
+            self.cli_path,
+            points_at="the native codex binary (e.g. tools/agent-clis/node_modules/@openai/codex-linux-x64/vendor/"
+            "x86_64-unknown-linux-musl/bin/codex)",
+            executable=self.executable,
+        )
         with path.open("rb") as handle:
             if handle.read(4) != b"\x7fELF":
                 raise InvalidInputError(
@@ -295,11 +293,6 @@ def usage_since(total: Usage, before: Usage | None) -> Usage:
     )
 
 
-def _tail(text: str) -> str:
-    text = text.strip()
-    return text[-MAX_ERROR_TAIL:] if len(text) > MAX_ERROR_TAIL else text
-
-
 def _mcp_result_text(result: Any) -> str:
     """An MCP CallToolResult: its text blocks, else its structured content, as text."""
     if not isinstance(result, dict):
@@ -341,13 +334,9 @@ class CodexTranslator:
         return self._result
 
     def feed(self, line: str) -> list[Event]:
-        try:
-            data = json.loads(line)
-        except ValueError as exc:
-            snippet = line.strip()[:200]
-            return [SessionError(error=ErrorInfo(type="parse_error", message=f"{exc}: {snippet}"))]
+        data = _kit.json_object(line, NAME)
         if not isinstance(data, dict):
-            return [AgentRaw(source=NAME, data=data)]
+            return data
         kind = data.get("type")
         if kind == "thread.started" and isinstance(data.get("thread_id"), str) and data["thread_id"]:
             self._result.native_session_id = data["thread_id"]
@@ -516,11 +505,11 @@ class CodexTranslator:
         result = self._result
         result.final_text = result.final_text or self._last_text
         if self._turn_ended:
-            if exit_code in SIGNAL_EXIT_CODES:
+            if exit_code in _kit.SIGNAL_EXIT_CODES:
                 result.stop_reason = "interrupted"
             return []
-        tail = _tail(stderr_tail)
-        stopped = exit_code in SIGNAL_EXIT_CODES or (
+        tail = _kit.tail(stderr_tail)
+        stopped = exit_code in _kit.SIGNAL_EXIT_CODES or (
             exit_code == SIGINT_EXIT_CODE and self._turn_started and self._last_error is None and "panicked" not in tail
         )
         if stopped:
@@ -530,8 +519,6 @@ class CodexTranslator:
         if self._last_error is not None:
             result.error = self._last_error
             return []  # the `error` line already said why
-        message = f"codex exited with code {exit_code} before the turn ended"
-        if tail:
-            message += f"; stderr: {tail}"
+        message = _kit.crash_message(f"codex exited with code {exit_code} before the turn ended", stderr_tail)
         result.error = message
         return [SessionError(error=ErrorInfo(type="cli_crashed", message=message))]

@@ -26,7 +26,10 @@ another program and does not inherit the base's resume, model or system-prompt t
 "NAME" or "NAME:MODEL" (MODEL then fills {model}); any other model runs the base command.
 
 Output, `output = "jsonl"`: each stdout line is one of our normalized events (events.py), validated;
-an invalid line becomes a session.error (type parse_error) and the turn goes on. Two lines are
+a line that is not JSON, or an event of a known type that does not validate, becomes a session.error
+(type parse_error, the line kept whole) and the turn goes on; JSON that is not an object, or an
+object whose type is no event of ours, is kept as agent.raw, as every backend keeps what it does
+not know. Two lines are
 read, not passed on: `{"type": "session.native_id", "id": "..."}` sets the id the next turn resumes,
 and `session.status_idle` sets the turn's stop reason. Events the server itself emits (user.*,
 session.status_*, sandbox.*, session.thread_created) are refused. `output = "text"`: stdout lines
@@ -44,11 +47,14 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from mcp_sandboxes.backends import _kit
 from mcp_sandboxes.backends.base import AgentSpec, Command, Turn, TurnResult
 from mcp_sandboxes.config import BackendSettings
 from mcp_sandboxes.errors import BackendError, InvalidInputError
 from mcp_sandboxes.events import (
+    EVENT_TYPES,
     AgentMessage,
+    AgentRaw,
     ErrorInfo,
     Event,
     SessionError,
@@ -69,8 +75,7 @@ SERVER_EVENT_PREFIXES = ("user.", "session.status_", "sandbox.", "session.thread
 TEXT_CHUNK_LINES = 64
 TEXT_CHUNK_CHARS = 8192
 MAX_FINAL_TEXT = 65536
-MAX_ERROR_TAIL = 2000
-INTERRUPT_EXIT_CODES = frozenset({130, 143})
+INTERRUPT_EXIT_CODES = _kit.SIGNAL_EXIT_CODES
 # Group 1: an escaped {{name}}; group 2: a placeholder. `${name}` is shell syntax, not ours.
 PLACEHOLDER = re.compile(r"\{\{([a-z_]+)\}\}|(?<!\$)\{([a-z_]+)\}")
 COMMON_PLACEHOLDERS = frozenset({"prompt", "session", "turn", "workdir", "home"})
@@ -175,6 +180,8 @@ class CustomBackend:
             raise InvalidInputError("backends.custom.argv", "is empty and no profiles are defined; set the command")
         # translator() is not told which profile a turn runs, so all share one output kind.
         self.output: OutputKind = first.output
+        # What must be on the sandbox's PATH: the program of the base command (else the first profile's).
+        self.executable = first.argv[0] if first.argv else ""
 
     @classmethod
     def from_settings(cls, settings: BackendSettings, environ: Mapping[str, str]) -> CustomBackend:
@@ -249,8 +256,7 @@ class CustomBackend:
             "system_prompt": agent.system_prompt or "",
         }
         argv = [expand(element, values) for element in template] + agent.extra_args
-        env = {key: self._environ[key] for key in profile.pass_env if self._environ.get(key)}
-        env.update(profile.env)
+        env = _kit.host_env(profile.pass_env, profile.env, self._environ)
         env.update(self._context_env(turn, model))
         stdin = turn.prompt.encode("utf-8") if profile.prompt_via == "stdin" else None
         return Command(argv=argv, env=env, stdin=stdin, cwd=turn.workdir)
@@ -312,15 +318,6 @@ def mcp_config_path(home: str) -> str:
     return str(Path(home) / MCP_CONFIG_PATH)
 
 
-def _tail(text: str) -> str:
-    text = text.strip()
-    return text[-MAX_ERROR_TAIL:] if len(text) > MAX_ERROR_TAIL else text
-
-
-def _parse_error(message: str, line: str) -> SessionError:
-    return SessionError(error=ErrorInfo(type="parse_error", message=f"{message}: {line.strip()[:200]}"))
-
-
 class CustomTranslator:
     """A custom command's stdout -> events, one instance per turn; never raises on bad input."""
 
@@ -350,29 +347,28 @@ class CustomTranslator:
     # -- jsonl -------------------------------------------------------------------------------
 
     def _feed_jsonl(self, line: str) -> list[Event]:
-        try:
-            data = json.loads(line)
-        except ValueError as exc:
-            return [_parse_error(f"not JSON ({exc})", line)]
+        data = _kit.json_object(line, NAME)
         if not isinstance(data, dict):
-            return [_parse_error("not a JSON object", line)]
+            return data
         kind = data.get("type")
         if kind == NATIVE_ID_TYPE:
             native_id = data.get("id")
             if not isinstance(native_id, str) or not native_id:
-                return [_parse_error(f'{NATIVE_ID_TYPE} needs a non-empty string "id"', line)]
+                return [_kit.parse_error(f'{NATIVE_ID_TYPE} needs a non-empty string "id"', line)]
             self._result.native_session_id = native_id
             return []
         if isinstance(kind, str) and kind.startswith(SERVER_EVENT_PREFIXES) and kind != "session.status_idle":
             message = f"{kind} is emitted by the server, not by a command"
             return [SessionError(error=ErrorInfo(type="invalid_event", message=message))]
+        if kind not in EVENT_TYPES:
+            return [AgentRaw(source=NAME, data=data)]
         try:
             event = parse_event(data)
         except ValidationError as exc:
             first = exc.errors()[0]
             where = ".".join(str(part) for part in first["loc"])
             detail = f"{where}: {first['msg']}" if where else first["msg"]
-            return [_parse_error(f"not a valid event ({detail})", line)]
+            return [_kit.parse_error(f"not a valid event ({detail})", line)]
         if isinstance(event, SessionStatusIdle):
             self._stop_reason = event.stop_reason.type
             return []
@@ -426,10 +422,7 @@ class CustomTranslator:
             return events
         if exit_code != 0:
             result.stop_reason = "error"
-            message = f"the custom command exited with code {exit_code}"
-            tail = _tail(stderr_tail)
-            if tail:
-                message += f"; stderr: {tail}"
+            message = _kit.crash_message(f"the custom command exited with code {exit_code}", stderr_tail)
             result.error = message if result.error is None else f"{result.error}; {message}"
             events.append(SessionError(error=ErrorInfo(type="command_failed", message=message)))
             return events

@@ -26,6 +26,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
+from mcp_sandboxes.backends import _kit
 from mcp_sandboxes.backends.base import AgentSpec, Command, Turn, TurnResult
 from mcp_sandboxes.config import BackendSettings
 from mcp_sandboxes.errors import BackendError, InvalidInputError
@@ -66,15 +67,15 @@ PERMISSION_FLAGS: dict[str, list[str]] = {
     "auto": ["--auto", "medium"],
     "bypassPermissions": ["--skip-permissions-unsafe"],
 }
-# A stopped droid exits 0 without a completion line; 130/143 are the shell conventions.
-INTERRUPT_EXIT_CODES = frozenset({0, 130, 143})
+# A stopped droid exits 0 without a completion line; the signal exit codes as for every backend.
+INTERRUPT_EXIT_CODES = frozenset({0}) | _kit.SIGNAL_EXIT_CODES
 # Droid names MCP tools `<server>___<tool>`; its own tools never contain three underscores.
 MCP_SEPARATOR = "___"
-MAX_ERROR_TAIL = 2000
 
 
 class FactoryBackend:
     name = NAME
+    executable = "droid"
 
     def __init__(
         self,
@@ -96,8 +97,7 @@ class FactoryBackend:
         Extra keys: `resume` ("auto" | "session" | "fork") and `droid_settings`, a table (or,
         from an environment variable, a JSON object) given to droid with --settings, e.g.
         `customModels` for a BYOK endpoint."""
-        env = {key: environ[key] for key in settings.pass_env if environ.get(key)}
-        env.update(settings.env)
+        env = _kit.host_env(settings.pass_env, settings.env, environ)
         extra = settings.model_extra or {}
         resume = extra.get("resume", "auto")
         if resume not in RESUME_MODES:
@@ -114,8 +114,9 @@ class FactoryBackend:
         return f"FactoryBackend(cli_path={self.cli_path!r}, resume={self.resume!r}, env_keys={sorted(self._env)})"
 
     @property
-    def executable(self) -> str:
-        return CLI_TARGET if self.cli_path else "droid"
+    def program(self) -> str:
+        """argv[0]: the mounted host CLI, else the image's own on its PATH."""
+        return CLI_TARGET if self.cli_path else self.executable
 
     def resume_flag(self) -> str:
         if self.resume == "session" or (self.resume == "auto" and self._env.get(API_KEY_VAR)):
@@ -124,7 +125,7 @@ class FactoryBackend:
 
     def command(self, turn: Turn) -> Command:
         agent = turn.agent
-        argv = [self.executable, "exec", "--output-format", "stream-json"]
+        argv = [self.program, "exec", "--output-format", "stream-json"]
         if agent.model:
             argv += ["--model", agent.model]
         if agent.system_prompt:
@@ -150,17 +151,13 @@ class FactoryBackend:
         return FactoryTranslator()
 
     def mounts(self) -> list[Mount]:
-        if not self.cli_path:
-            return []
-        path = Path(self.cli_path).expanduser()
-        if not path.is_file():
-            raise InvalidInputError(
-                "backends.factory.cli_path",
-                f"{self.cli_path} does not exist or is not a file; point it at the native droid binary "
-                "(tools/agent-clis/node_modules/@factory/cli-linux-x64/bin/droid) or leave it empty to use "
-                "the image's own droid",
-            )
-        return [Mount(source=str(path.resolve()), target=CLI_TARGET, read_only=True)]
+        return _kit.binary_mount(
+            NAME,
+            self.cli_path,
+            CLI_TARGET,
+            points_at="the native droid binary (tools/agent-clis/node_modules/@factory/cli-linux-x64/bin/droid)",
+            executable=self.executable,
+        )
 
     async def prepare(self, sandbox: Sandbox, agent: AgentSpec, *, home: str, user: str | None) -> None:
         dirs = [str(Path(home) / Path(MCP_CONFIG_PATH).parent), str(Path(home) / Path(SETTINGS_PATH).parent)]
@@ -241,11 +238,6 @@ def _text(value: Any) -> str:
     return json.dumps(value)
 
 
-def _tail(text: str) -> str:
-    text = text.strip()
-    return text[-MAX_ERROR_TAIL:] if len(text) > MAX_ERROR_TAIL else text
-
-
 _ERROR_TYPES = {"agent_loop": "agent_error", "cli": "cli_error"}
 
 
@@ -267,13 +259,9 @@ class FactoryTranslator:
         return self._result
 
     def feed(self, line: str) -> list[Event]:
-        try:
-            data = json.loads(line)
-        except ValueError as exc:
-            snippet = line.strip()[:200]
-            return [SessionError(error=ErrorInfo(type="parse_error", message=f"{exc}: {snippet}"))]
+        data = _kit.json_object(line, NAME)
         if not isinstance(data, dict):
-            return [AgentRaw(source=NAME, data=data)]
+            return data
         session_id = data.get("session_id")
         if isinstance(session_id, str) and session_id:
             self._result.native_session_id = session_id
@@ -358,7 +346,7 @@ class FactoryTranslator:
     def finish(self, exit_code: int, stderr_tail: str) -> list[Event]:
         result = self._result
         if self._completed:
-            if exit_code in INTERRUPT_EXIT_CODES and exit_code != 0:
+            if exit_code in _kit.SIGNAL_EXIT_CODES:
                 result.stop_reason = "interrupted"
             return []
         result.final_text = self._last_text
@@ -371,9 +359,6 @@ class FactoryTranslator:
             result.stop_reason = "interrupted"
             return []
         result.stop_reason = "error"
-        message = f"droid exited with code {exit_code} before reporting a result"
-        tail = _tail(stderr_tail)
-        if tail:
-            message += f"; stderr: {tail}"
+        message = _kit.crash_message(f"droid exited with code {exit_code} before reporting a result", stderr_tail)
         result.error = message
         return [SessionError(error=ErrorInfo(type="cli_crashed", message=message))]

@@ -38,6 +38,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from mcp_sandboxes.backends import _kit
 from mcp_sandboxes.backends.base import AgentSpec, Command, RetryIf, Turn, TurnResult
 from mcp_sandboxes.config import BackendSettings
 from mcp_sandboxes.errors import BackendError, InvalidInputError
@@ -66,7 +67,6 @@ SETTINGS_PATH = ".gemini/settings.json"
 # A global context file: the CLI appends it to its system instruction.
 SYSTEM_PROMPT_PATH = ".gemini/MCP-SANDBOXES.md"
 PREPARE_TIMEOUT_S = 30.0
-MAX_ERROR_TAIL = 2000
 
 # spawn_agent's (Claude-named) permission modes -> Gemini CLI approval modes. Headless Gemini
 # cannot ask, so a tool that needs approval is refused; no mode means yolo, as the sandbox
@@ -103,8 +103,8 @@ _EXIT_ERRORS: dict[int, tuple[str, str]] = {
 # again is safe and, on such a machine, needed.
 STDIN_RACE_RETRY = RetryIf(exit_code=EXIT_INPUT, stderr_contains="No input provided via stdin", attempts=3)
 # Stopped on purpose: 0.61.0 exits 0 without a result line on SIGINT or SIGTERM; 130 is its
-# own cancellation code and the shell's for SIGINT, 143 the shell's for SIGTERM.
-INTERRUPT_EXIT_CODES = frozenset({0, EXIT_CANCELLED, 143})
+# own cancellation code and the shell's for SIGINT, and with it come the other signal codes (_kit).
+INTERRUPT_EXIT_CODES = frozenset({0, EXIT_CANCELLED}) | _kit.SIGNAL_EXIT_CODES
 # result.error.type values that are not failures of the model call.
 _TURN_LIMIT_ERRORS = frozenset({"FatalTurnLimitedError"})
 _CANCEL_ERRORS = frozenset({"FatalCancellationError"})
@@ -112,6 +112,7 @@ _CANCEL_ERRORS = frozenset({"FatalCancellationError"})
 
 class GeminiBackend:
     name = NAME
+    executable = "gemini"
 
     def __init__(
         self, *, cli_path: str = "", env: Mapping[str, str] | None = None, settings: Mapping[str, Any] | None = None
@@ -124,8 +125,7 @@ class GeminiBackend:
     def from_settings(cls, settings: BackendSettings, environ: Mapping[str, str]) -> GeminiBackend:
         """`pass_env` names host variables handed over when set; the fixed `env` table wins
         over them. An optional `settings` table is merged into the CLI's settings file."""
-        env = {key: environ[key] for key in settings.pass_env if environ.get(key)}
-        env.update(settings.env)
+        env = _kit.host_env(settings.pass_env, settings.env, environ)
         extra = (settings.model_extra or {}).get("settings") or {}
         if not isinstance(extra, dict):
             raise InvalidInputError(
@@ -139,15 +139,16 @@ class GeminiBackend:
         return f"GeminiBackend(cli_path={self.cli_path!r}, env_keys={sorted(self._env)})"
 
     @property
-    def executable(self) -> str:
+    def program(self) -> str:
+        """argv[0]: the mounted host CLI's entry script, else the image's own on its PATH."""
         if not self.cli_path:
-            return "gemini"
+            return self.executable
         _, entry = package_layout(self.cli_path)
         return f"{CLI_MOUNT_DIR}/{entry}"
 
     def command(self, turn: Turn) -> Command:
         agent = turn.agent
-        argv = [self.executable, "-p", "", "--output-format", "stream-json"]
+        argv = [self.program, "-p", "", "--output-format", "stream-json"]
         if not _APPROVAL_FLAGS.intersection(agent.extra_args):
             argv += ["--approval-mode", approval_mode(agent.permission_mode)]
         if agent.model:
@@ -327,11 +328,6 @@ def _main_model(stats: Any) -> str | None:
     return str(ranked[0][0])
 
 
-def _tail(text: str) -> str:
-    text = text.strip()
-    return text[-MAX_ERROR_TAIL:] if len(text) > MAX_ERROR_TAIL else text
-
-
 class GeminiTranslator:
     """stream-json lines -> events, one instance per turn; never raises on bad input."""
 
@@ -349,13 +345,9 @@ class GeminiTranslator:
         return self._result
 
     def feed(self, line: str) -> list[Event]:
-        try:
-            data = json.loads(line)
-        except ValueError as exc:
-            snippet = line.strip()[:200]
-            return [SessionError(error=ErrorInfo(type="parse_error", message=f"{exc}: {snippet}"))]
+        data = _kit.json_object(line, NAME)
         if not isinstance(data, dict):
-            return [AgentRaw(source=NAME, data=data)]
+            return data
         kind = data.get("type")
         if kind == "message":
             return self._message(data)
@@ -472,13 +464,12 @@ class GeminiTranslator:
         events = self._flush()
         result = self._result
         if self._got_result:
-            if exit_code == EXIT_CANCELLED:
+            if exit_code in _kit.SIGNAL_EXIT_CODES:
                 result.stop_reason = "interrupted"
             elif exit_code == EXIT_TURN_LIMIT:
                 result.stop_reason = "max_turns"
             return events
         result.final_text = self._last_text
-        tail = _tail(stderr_tail)
         if exit_code in INTERRUPT_EXIT_CODES:
             result.stop_reason = "interrupted"
             return events
@@ -492,8 +483,7 @@ class GeminiTranslator:
         )
         if exit_code in _EXIT_ERRORS:
             message += f" (exit code {exit_code})"
-        if tail:
-            message += f"; stderr: {tail}"
+        message = _kit.crash_message(message, stderr_tail)
         result.error = message
         events.append(SessionError(error=ErrorInfo(type=error_type, message=message)))
         return events

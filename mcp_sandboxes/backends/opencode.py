@@ -28,6 +28,7 @@ from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
+from mcp_sandboxes.backends import _kit
 from mcp_sandboxes.backends.base import AgentSpec, Command, Turn, TurnResult
 from mcp_sandboxes.config import BackendSettings
 from mcp_sandboxes.errors import BackendError, InvalidInputError
@@ -64,10 +65,9 @@ _EDIT_TOOLS = frozenset({"edit", "write", "patch", "multiedit"})
 # How a stopped CLI exits: 1.18.33 has no SIGINT/SIGTERM handler and dies of the signal,
 # which a container engine reports as 130/143 and a host process as -2/-15 (and prints
 # nothing more). Stopped on purpose, not crashed.
-INTERRUPT_EXIT_CODES = frozenset({130, 143, -2, -15})
+INTERRUPT_EXIT_CODES = _kit.SIGNAL_EXIT_CODES
 # The error a run reports when its session is aborted through OpenCode's own API.
 _ABORTED_ERRORS = frozenset({"MessageAbortedError"})
-MAX_ERROR_TAIL = 2000
 # A lock file naming the dependency OpenCode would install makes its install check pass.
 _PLUGIN_LOCK = {
     "name": "opencode-config",
@@ -78,6 +78,7 @@ _PLUGIN_LOCK = {
 
 class OpencodeBackend:
     name = NAME
+    executable = "opencode"
 
     def __init__(
         self, *, cli_path: str = "", env: Mapping[str, str] | None = None, config: Mapping[str, Any] | None = None
@@ -94,8 +95,7 @@ class OpencodeBackend:
         """`pass_env` names host variables handed over when set; the fixed `env` table wins
         over them. The extra `config` table is OpenCode config (opencode.json) merged into
         what `prepare` writes; it may name variables as `{env:NAME}`, which OpenCode fills in."""
-        env = {key: environ[key] for key in settings.pass_env if environ.get(key)}
-        env.update(settings.env)
+        env = _kit.host_env(settings.pass_env, settings.env, environ)
         config = (settings.model_extra or {}).get("config") or {}
         if not isinstance(config, dict):
             raise InvalidInputError("backends.opencode.config", "must be a table of OpenCode config (opencode.json)")
@@ -106,13 +106,14 @@ class OpencodeBackend:
         return f"OpencodeBackend(cli_path={self.cli_path!r}, env_keys={sorted(self._env)})"
 
     @property
-    def executable(self) -> str:
-        return CLI_TARGET if self.cli_path else "opencode"
+    def program(self) -> str:
+        """argv[0]: the mounted host CLI, else the image's own on its PATH."""
+        return CLI_TARGET if self.cli_path else self.executable
 
     def command(self, turn: Turn) -> Command:
         agent = turn.agent
         self._mcp_servers.update(agent.mcp_servers)
-        argv = [self.executable, "run", "--format", "json", "--thinking"]
+        argv = [self.program, "run", "--format", "json", "--thinking"]
         if agent.model:
             argv += ["--model", agent.model]
         if turn.resume_id:
@@ -128,17 +129,13 @@ class OpencodeBackend:
         return OpencodeTranslator(mcp_servers=self._mcp_servers)
 
     def mounts(self) -> list[Mount]:
-        if not self.cli_path:
-            return []
-        path = Path(self.cli_path).expanduser()
-        if not path.is_file():
-            raise InvalidInputError(
-                "backends.opencode.cli_path",
-                f"{self.cli_path} does not exist or is not a file; point it at the opencode binary "
-                "(e.g. tools/agent-clis/node_modules/opencode-ai/bin/opencode.exe) or leave it "
-                "empty to use the image's own opencode",
-            )
-        return [Mount(source=str(path.resolve()), target=CLI_TARGET, read_only=True)]
+        return _kit.binary_mount(
+            NAME,
+            self.cli_path,
+            CLI_TARGET,
+            points_at="the opencode binary (e.g. tools/agent-clis/node_modules/opencode-ai/bin/opencode.exe)",
+            executable=self.executable,
+        )
 
     def config_for(self, agent: AgentSpec, *, home: str) -> dict[str, Any]:
         """The opencode.json `prepare` writes for `agent`."""
@@ -303,11 +300,6 @@ def _output_text(value: Any) -> str:
     return json.dumps(value)
 
 
-def _tail(text: str) -> str:
-    text = text.strip()
-    return text[-MAX_ERROR_TAIL:] if len(text) > MAX_ERROR_TAIL else text
-
-
 class OpencodeTranslator:
     """`--format json` lines -> events, one instance per turn; never raises on bad input.
 
@@ -328,13 +320,9 @@ class OpencodeTranslator:
         return self._result
 
     def feed(self, line: str) -> list[Event]:
-        try:
-            data = json.loads(line)
-        except ValueError as exc:
-            snippet = line.strip()[:200]
-            return [SessionError(error=ErrorInfo(type="parse_error", message=f"{exc}: {snippet}"))]
+        data = _kit.json_object(line, NAME)
         if not isinstance(data, dict):
-            return [AgentRaw(source=NAME, data=data)]
+            return data
         session_id = data.get("sessionID")
         if self._result.native_session_id is None and isinstance(session_id, str) and session_id:
             self._result.native_session_id = session_id
@@ -430,8 +418,6 @@ class OpencodeTranslator:
         message = f"opencode exited with code {exit_code}"
         if not self._steps:
             message += " before finishing a step"
-        tail = _tail(stderr_tail)
-        if tail:
-            message += f"; stderr: {tail}"
+        message = _kit.crash_message(message, stderr_tail)
         result.error = message
         return [SessionError(error=ErrorInfo(type="cli_crashed", message=message))]

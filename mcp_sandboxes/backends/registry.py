@@ -1,10 +1,15 @@
 """Backends registered by name. Each is imported only when first used, so one backend's
-import problem never breaks the others."""
+import problem never breaks the others.
+
+Adding a backend: its module, one line in `_BACKENDS`, its `[backends.NAME]` table in
+configs/default.toml and a contract case in tests/backends/contract_cases/. Everything that
+lists backends (the spawn_agent schema, `doctor`, error messages) asks this module."""
 
 from __future__ import annotations
 
 import importlib
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from mcp_sandboxes.backends.base import Backend
@@ -13,24 +18,39 @@ from mcp_sandboxes.errors import InvalidInputError
 
 BackendFactory = Callable[[BackendSettings, Mapping[str, str]], Backend]
 
-# name -> "module:factory". A factory takes the backend's settings and the host environment
-# (for `pass_env`) and returns a Backend.
-_FACTORIES: dict[str, str] = {
-    "claude": "mcp_sandboxes.backends.claude:ClaudeBackend.from_settings",
-    "codex": "mcp_sandboxes.backends.codex:CodexBackend.from_settings",
-    "gemini": "mcp_sandboxes.backends.gemini:GeminiBackend.from_settings",
-    "opencode": "mcp_sandboxes.backends.opencode:OpencodeBackend.from_settings",
-    "factory": "mcp_sandboxes.backends.factory:FactoryBackend.from_settings",
-    "custom": "mcp_sandboxes.backends.custom:CustomBackend.from_settings",
+
+@dataclass(frozen=True)
+class BackendEntry:
+    """Where a backend's factory is ("module:attr.path"; it takes the backend's settings and the
+    host environment, for `pass_env`) and what it runs, in a few words for tool descriptions."""
+
+    target: str
+    label: str = ""
+
+
+_BACKENDS: dict[str, BackendEntry] = {
+    "claude": BackendEntry("mcp_sandboxes.backends.claude:ClaudeBackend.from_settings", "Claude Code"),
+    "codex": BackendEntry("mcp_sandboxes.backends.codex:CodexBackend.from_settings", "OpenAI Codex"),
+    "gemini": BackendEntry("mcp_sandboxes.backends.gemini:GeminiBackend.from_settings", "Gemini CLI"),
+    "opencode": BackendEntry("mcp_sandboxes.backends.opencode:OpencodeBackend.from_settings", "OpenCode"),
+    "factory": BackendEntry("mcp_sandboxes.backends.factory:FactoryBackend.from_settings", "Factory Droid"),
+    "custom": BackendEntry("mcp_sandboxes.backends.custom:CustomBackend.from_settings", "a command from the config"),
 }
 
 
-def register(name: str, target: str) -> None:
-    _FACTORIES[name] = target
+def register(name: str, target: str, label: str = "") -> None:
+    _BACKENDS[name] = BackendEntry(target, label)
 
 
 def backend_names() -> list[str]:
-    return sorted(_FACTORIES)
+    return sorted(_BACKENDS)
+
+
+def describe_backends() -> str:
+    """The registered backends for a tool description: "'claude' (Claude Code), ..."."""
+    return ", ".join(
+        f"'{name}' ({entry.label})" if entry.label else f"'{name}'" for name, entry in sorted(_BACKENDS.items())
+    )
 
 
 def _resolve(target: str) -> BackendFactory:
@@ -43,6 +63,6 @@ def _resolve(target: str) -> BackendFactory:
 
 
 def build_backend(name: str, settings: BackendSettings, environ: Mapping[str, str]) -> Backend:
-    if name not in _FACTORIES:
+    if name not in _BACKENDS:
         raise InvalidInputError("backend", f"unknown backend {name!r}; use one of: {', '.join(backend_names())}")
-    return _resolve(_FACTORIES[name])(settings, environ)
+    return _resolve(_BACKENDS[name].target)(settings, environ)
