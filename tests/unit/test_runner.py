@@ -241,13 +241,14 @@ async def test_kill_marked_ends_what_a_turn_left_behind_and_nothing_else(sandbox
     # The turn starts a process in a session of its own, which outlives the turn (as a CLI's
     # tools do when the server dies); an unmarked one started the same way must survive.
     pids = tmp_path / "pids"
-    quiet = ">/dev/null 2>&1 </dev/null"
-    script = (
-        f"setsid sleep 301 {quiet} & echo $! > {pids}; env -u {TURN_MARKER_ENV} setsid sleep 302 {quiet} &"
-        f" echo $! >> {pids}"
+    # Each writes its pid once in its own session, so the turn's end cannot kill it before.
+    script = "".join(
+        f"{prefix}setsid sh -c 'echo $$ > {pids}.{n}; exec sleep {n}' >/dev/null 2>&1 </dev/null & "
+        f"while [ ! -s {pids}.{n} ]; do sleep 0.01; done; "
+        for prefix, n in (("", 301), (f"env -u {TURN_MARKER_ENV} ", 302))
     )
     assert (await run(sandbox, ScriptBackend(script))).result.stop_reason == "end_turn"
-    left, unmarked = (int(pid) for pid in pids.read_text().split())
+    left, unmarked = (int((tmp_path / f"pids.{n}").read_text()) for n in (301, 302))
     left_fd = os.pidfd_open(left)  # readable once the process has ended, whoever reaps it
     try:
         assert running(left) and running(unmarked)
