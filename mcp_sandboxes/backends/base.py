@@ -11,8 +11,20 @@ from typing import Any, Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from mcp_sandboxes.errors import InvalidInputError
 from mcp_sandboxes.events import Event, StopReasonType, Usage
 from mcp_sandboxes.providers.base import Mount, Sandbox
+
+
+def argument(field: str, value: str) -> str:
+    """A caller's value that becomes one argv element after its option: refused when the CLI
+    could read it as an option of its own (`--permission-mode` smuggled in as a tool name) or
+    when execve could not pass it. The MCP schema refuses these first; this is the second lock."""
+    if value.startswith("-") or "\x00" in value:
+        raise InvalidInputError(
+            field, "must not start with '-' or contain NUL: it is passed as a command-line argument"
+        )
+    return value
 
 
 class AgentSpec(BaseModel):

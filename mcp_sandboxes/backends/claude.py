@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from mcp_sandboxes.backends import _kit
-from mcp_sandboxes.backends.base import AgentSpec, Command, RetryIf, Turn, TurnResult
+from mcp_sandboxes.backends.base import AgentSpec, Command, RetryIf, Turn, TurnResult, argument
 from mcp_sandboxes.config import BackendSettings
 from mcp_sandboxes.errors import BackendError
 from mcp_sandboxes.events import (
@@ -82,10 +82,10 @@ class ClaudeBackend:
         agent = turn.agent
         argv = [self.program, "-p", "--output-format", "stream-json", "--verbose"]
         if agent.model:
-            argv += ["--model", agent.model]
+            argv += ["--model", argument("model", agent.model)]
         if agent.system_prompt:
             # Appended, so the CLI keeps its own tool-use instructions.
-            argv += ["--append-system-prompt", agent.system_prompt]
+            argv += ["--append-system-prompt", argument("system_prompt", agent.system_prompt)]
         if agent.permission_mode:
             argv += ["--permission-mode", agent.permission_mode]
         if agent.max_turns is not None:
@@ -93,11 +93,11 @@ class ClaudeBackend:
         if agent.mcp_servers:
             argv += ["--mcp-config", mcp_config_path(turn.home)]
         if turn.resume_id:
-            argv += ["--resume", turn.resume_id]
+            argv += ["--resume", argument("resume_id", turn.resume_id)]
         if agent.allowed_tools:
             # A variadic option: each spec its own argument ("Bash(git *)" has a space); the
             # option that follows ends the list.
-            argv += ["--allowedTools", *agent.allowed_tools]
+            argv += ["--allowedTools", *(argument("allowed_tools", tool) for tool in agent.allowed_tools)]
         argv += ["--input-format", "text", *agent.extra_args]
         env = {**self._env, "HOME": turn.home}
         if agent.permission_mode in _BYPASS_MODES or _BYPASS_FLAGS.intersection(agent.extra_args):

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from mcp_sandboxes.backends import _kit
-from mcp_sandboxes.backends.base import AgentSpec, Command, Turn, TurnResult
+from mcp_sandboxes.backends.base import AgentSpec, Command, Turn, TurnResult, argument
 from mcp_sandboxes.config import BackendSettings
 from mcp_sandboxes.errors import BackendError, InvalidInputError
 from mcp_sandboxes.events import (
@@ -124,11 +124,11 @@ class CodexBackend:
             PROFILE,
         ]
         if agent.model:
-            argv += ["-m", agent.model]
+            argv += ["-m", argument("model", agent.model)]
         argv += agent.extra_args
         if turn.resume_id:
             # Flags before `resume` belong to exec and apply to the resumed run too.
-            argv += ["resume", turn.resume_id]
+            argv += ["resume", argument("resume_id", turn.resume_id)]
         argv.append("-")
         env = {**self._env, "HOME": turn.home}
         # `codex exec` reads an API key from CODEX_API_KEY; the provider we configure names

@@ -48,7 +48,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from mcp_sandboxes.backends import _kit
-from mcp_sandboxes.backends.base import AgentSpec, Command, Turn, TurnResult
+from mcp_sandboxes.backends.base import AgentSpec, Command, Turn, TurnResult, argument
 from mcp_sandboxes.config import BackendSettings
 from mcp_sandboxes.errors import BackendError, InvalidInputError
 from mcp_sandboxes.events import (
@@ -69,6 +69,8 @@ from mcp_sandboxes.providers.base import Mount, Sandbox
 NAME = "custom"
 MCP_CONFIG_PATH = ".mcp-sandboxes/custom-mcp.json"
 PREPARE_TIMEOUT_S = 30.0
+# Linux refuses one argv element of 128 KiB or more (MAX_ARG_STRLEN, its NUL included).
+MAX_ARGUMENT_BYTES = 128 * 1024
 NATIVE_ID_TYPE = "session.native_id"
 # Emitted by the orchestrator around every turn; a command claiming them would confuse callers.
 SERVER_EVENT_PREFIXES = ("user.", "session.status_", "sandbox.", "session.thread_created")
@@ -245,6 +247,12 @@ class CustomBackend:
         if agent.system_prompt and profile.system_prompt_argv:
             options += profile.system_prompt_argv
         template[1:1] = options
+        if profile.prompt_via == "arg" and len(turn.prompt.encode("utf-8")) >= MAX_ARGUMENT_BYTES:
+            raise InvalidInputError(
+                "prompt",
+                f"longer than one command-line argument may be ({MAX_ARGUMENT_BYTES // 1024} KiB on Linux) and this"
+                ' custom command takes it as one; send a shorter prompt, or set prompt_via = "stdin"',
+            )
         values = {
             "prompt": turn.prompt if profile.prompt_via == "arg" else "",
             "session": turn.session_id,
@@ -252,8 +260,12 @@ class CustomBackend:
             "workdir": turn.workdir,
             "home": turn.home,
             "resume_id": turn.resume_id or "",
-            "model": model or "",
-            "system_prompt": agent.system_prompt or "",
+            "model": argument("model", model) if model and profile.model_argv else "",
+            "system_prompt": (
+                argument("system_prompt", agent.system_prompt)
+                if agent.system_prompt and profile.system_prompt_argv
+                else ""
+            ),
         }
         argv = [expand(element, values) for element in template] + agent.extra_args
         env = _kit.host_env(profile.pass_env, profile.env, self._environ)

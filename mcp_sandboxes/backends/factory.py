@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from mcp_sandboxes.backends import _kit
-from mcp_sandboxes.backends.base import AgentSpec, Command, Turn, TurnResult
+from mcp_sandboxes.backends.base import AgentSpec, Command, Turn, TurnResult, argument
 from mcp_sandboxes.config import BackendSettings
 from mcp_sandboxes.errors import BackendError, InvalidInputError
 from mcp_sandboxes.events import (
@@ -127,9 +127,9 @@ class FactoryBackend:
         agent = turn.agent
         argv = [self.program, "exec", "--output-format", "stream-json"]
         if agent.model:
-            argv += ["--model", agent.model]
+            argv += ["--model", argument("model", agent.model)]
         if agent.system_prompt:
-            argv += ["--append-system-prompt", agent.system_prompt]
+            argv += ["--append-system-prompt", argument("system_prompt", agent.system_prompt)]
         if agent.permission_mode:
             if agent.permission_mode not in PERMISSION_FLAGS:
                 raise InvalidInputError(
@@ -140,7 +140,7 @@ class FactoryBackend:
         if self.droid_settings:
             argv += ["--settings", settings_path(turn.home)]
         if turn.resume_id:
-            argv += [self.resume_flag(), turn.resume_id]
+            argv += [self.resume_flag(), argument("resume_id", turn.resume_id)]
         argv += agent.extra_args
         # max_turns and allowed_tools have no droid exec flag: droid runs until the model stops,
         # and its tool set is chosen by --auto or by --only-tools/--add-tools in extra_args.

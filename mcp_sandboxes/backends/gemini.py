@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from mcp_sandboxes.backends import _kit
-from mcp_sandboxes.backends.base import AgentSpec, Command, RetryIf, Turn, TurnResult
+from mcp_sandboxes.backends.base import AgentSpec, Command, RetryIf, Turn, TurnResult, argument
 from mcp_sandboxes.config import BackendSettings
 from mcp_sandboxes.errors import BackendError, InvalidInputError
 from mcp_sandboxes.events import (
@@ -152,13 +152,13 @@ class GeminiBackend:
         if not _APPROVAL_FLAGS.intersection(agent.extra_args):
             argv += ["--approval-mode", approval_mode(agent.permission_mode)]
         if agent.model:
-            argv += ["--model", agent.model]
+            argv += ["--model", argument("model", agent.model)]
         if turn.resume_id:
-            argv += ["--resume", turn.resume_id]
+            argv += ["--resume", argument("resume_id", turn.resume_id)]
         for tool in agent.allowed_tools or []:
             # Deprecated in favour of policy files, still honoured by 0.61.0: these run
             # without approval in the default and auto_edit modes.
-            argv.append(f"--allowed-tools={tool}")
+            argv.append(f"--allowed-tools={argument('allowed_tools', tool)}")
         argv += agent.extra_args
         env = {
             **self._env,

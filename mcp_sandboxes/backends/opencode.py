@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from mcp_sandboxes.backends import _kit
-from mcp_sandboxes.backends.base import AgentSpec, Command, Turn, TurnResult
+from mcp_sandboxes.backends.base import AgentSpec, Command, Turn, TurnResult, argument
 from mcp_sandboxes.config import BackendSettings
 from mcp_sandboxes.errors import BackendError, InvalidInputError
 from mcp_sandboxes.events import (
@@ -115,9 +115,9 @@ class OpencodeBackend:
         self._mcp_servers.update(agent.mcp_servers)
         argv = [self.program, "run", "--format", "json", "--thinking"]
         if agent.model:
-            argv += ["--model", agent.model]
+            argv += ["--model", argument("model", agent.model)]
         if turn.resume_id:
-            argv += ["--session", turn.resume_id]
+            argv += ["--session", argument("resume_id", turn.resume_id)]
         if _auto_approves(agent.permission_mode):
             argv.append("--auto")
         argv += agent.extra_args
