@@ -19,6 +19,9 @@ class BackendReport(BaseModel):
     backend: str
     usable: bool
     cli: str
+    executable: str | None = Field(
+        default=None, description="The program the backend runs when no cli_path is set (None: it could not be built)."
+    )
     missing_env: list[str] = Field(description="API key variables of which none is set (any one would do).")
     detail: str | None = None
 
@@ -67,24 +70,18 @@ def _check_backend(name: str, settings: Settings) -> BackendReport:
         backend.mounts()
     except Exception as exc:
         return BackendReport(backend=name, usable=False, cli=cli, missing_env=missing, detail=str(exc))
-    return BackendReport(backend=name, usable=True, cli=cli, missing_env=missing)
+    if not backend_settings.cli_path:
+        cli = f"{backend.executable} (from the image's PATH)"
+    return BackendReport(backend=name, usable=True, cli=cli, executable=backend.executable, missing_env=missing)
 
 
-# The executable each backend runs; a backend not listed has no fixed CLI (e.g. custom).
-CLI_NAMES: dict[str, str] = {
-    "claude": "claude",
-    "codex": "codex",
-    "gemini": "gemini",
-    "opencode": "opencode",
-    "factory": "droid",
-}
 STANDARD_AGENT_IMAGE = "mcp-sandboxes/agent:latest"
 
 
-async def _check_image(image: str, settings: Settings) -> ImageReport:
-    """Start a throwaway sandbox of the image and look for each backend's CLI on its PATH."""
+async def _check_image(image: str, settings: Settings, clis: dict[str, str]) -> ImageReport:
+    """Start a throwaway sandbox of the image and look for each backend's executable (`clis`:
+    backend -> program) on its PATH."""
     provider_name = settings.server.default_provider
-    clis = {backend: CLI_NAMES[backend] for backend in backend_names() if backend in CLI_NAMES}
     report = ImageReport(image=image, provider=provider_name, cli_found={})
     try:
         provider = build_provider(provider_name, settings.provider(provider_name))
@@ -97,12 +94,12 @@ async def _check_image(image: str, settings: Settings) -> ImageReport:
                 SandboxSpec(image=image, network="none", labels={"io.mcp-sandboxes.doctor": "1"})
             )
             try:
-                probe = " ".join(sorted(set(clis.values())))
+                # The names are arguments, never script text: a custom command's argv[0] comes from config.
+                script = 'for c in "$@"; do command -v "$c" >/dev/null && printf "%s\\n" "$c"; done; true'
                 result = await sandbox.exec(
-                    ["sh", "-c", f'for c in {probe}; do command -v "$c" >/dev/null && echo "$c"; done; true'],
-                    timeout=CHECK_TIMEOUT_S,
+                    ["sh", "-c", script, "sh", *sorted(set(clis.values()))], timeout=CHECK_TIMEOUT_S
                 )
-                found = set(result.stdout.decode("utf-8", "replace").split())
+                found = set(result.stdout.decode("utf-8", "replace").splitlines())
                 report.cli_found = {backend: cli in found for backend, cli in clis.items()}
             finally:
                 with anyio.CancelScope(shield=True):
@@ -121,7 +118,8 @@ async def diagnose(settings: Settings, images: list[str] | None = None) -> Docto
     if images is None:
         images = list(dict.fromkeys([settings.server.default_image, STANDARD_AGENT_IMAGE]))
     default_ok = any(p.provider == settings.server.default_provider and p.available for p in providers)
-    image_reports = [await _check_image(image, settings) for image in images] if default_ok else []
+    clis = {b.backend: b.executable for b in backends if b.executable}
+    image_reports = [await _check_image(image, settings, clis) for image in images] if default_ok else []
     return DoctorReport(providers=providers, backends=backends, images=image_reports)
 
 

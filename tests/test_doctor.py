@@ -55,3 +55,28 @@ def test_doctor_is_satisfied_by_one_api_key_and_names_an_unreachable_engine() ->
     # The default provider is down, so no image could be looked into.
     assert report["images"] == []
     assert code == 0  # other providers (bubblewrap) still work here
+
+
+def test_doctor_probes_every_registered_backends_executable_a_custom_one_as_an_argument() -> None:
+    # custom's program is its command's argv[0], from config: looked for as an argument, never run.
+    configured = {"MCP_SANDBOXES_BACKENDS__CUSTOM__ARGV": json.dumps(["sh", "-c", 'echo "$1"', "sh", "{prompt}"])}
+    code, report = run_doctor("--image", BASE_IMAGE, env=configured)
+    assert code == 0
+    executables = {b["backend"]: b["executable"] for b in report["backends"]}
+    assert executables == {
+        "claude": "claude",
+        "codex": "codex",
+        "custom": "sh",
+        "factory": "droid",
+        "gemini": "gemini",
+        "opencode": "opencode",
+    }
+    (image,) = report["images"]
+    assert image["cli_found"] == {name: name == "custom" for name in executables}
+
+    hostile = {"MCP_SANDBOXES_BACKENDS__CUSTOM__ARGV": json.dumps(["sh; echo claude; echo sh #", "{prompt}"])}
+    _, report = run_doctor("--image", BASE_IMAGE, env=hostile)
+    custom = next(b for b in report["backends"] if b["backend"] == "custom")
+    assert custom["executable"] == "sh; echo claude; echo sh #"
+    (image,) = report["images"]
+    assert image["cli_found"]["custom"] is False and image["cli_found"]["claude"] is False
