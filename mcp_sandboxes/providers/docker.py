@@ -214,6 +214,15 @@ class DockerProvider:
         """Cheap checks before a create: the values are well formed and the image exists."""
         container_config(spec, name=spec.name)
         await self.check_runtime(spec)
+        if spec.limits.cpus is not None:
+            # The engine refuses more CPUs than it has only at create time; say so before that.
+            async with self.call("reading its CPU count", API_TIMEOUT_S):
+                cpu_count = (await self.client().system.info()).get("NCPU")
+            if isinstance(cpu_count, int) and 0 < cpu_count < spec.limits.cpus:
+                raise InvalidInputError(
+                    "cpus",
+                    f"{spec.limits.cpus:g} asked, but the {self.engine} has {cpu_count}; use at most {cpu_count}",
+                )
         if self.settings.pull_missing:
             return
         async with self.call(f"inspecting image {spec.image}", API_TIMEOUT_S):
@@ -943,6 +952,10 @@ def _exec_error(exc: DockerError, owner: DockerProvider, container_id: str) -> M
     message = str(exc.message)
     if exc.status == _CANNOT_CONNECT:
         return owner.unreachable(exc)
+    if "unable to find user" in message or "no matching entries in passwd" in message:
+        return InvalidInputError(
+            "user", f"the user does not exist in the sandbox's image ({message}); use one it defines"
+        )
     if exc.status == 404:  # no such container, or its exec records went with it
         return SandboxGoneError(f"sandbox {container_id[:12]} no longer exists ({message}); create a new one")
     if exc.status == 409:

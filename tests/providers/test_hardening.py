@@ -85,9 +85,8 @@ async def inspect(docker: DockerProvider, sandbox: Sandbox) -> dict[str, Any]:
 
 
 def agent_spec(**changes: Any) -> SandboxSpec:
-    return SandboxSpec(image=BASE_IMAGE, user="agent", name=f"mcp-sandboxes-hard-{uuid.uuid4().hex[:10]}").model_copy(
-        update=changes
-    )
+    name = f"mcp-sandboxes-hard-{uuid.uuid4().hex[:10]}"
+    return SandboxSpec.model_validate({"image": BASE_IMAGE, "user": "agent", "name": name, **changes})
 
 
 # -- Docker -------------------------------------------------------------------------------
@@ -206,6 +205,8 @@ async def test_docker_read_only_root_runs_claude_code_and_its_tools(docker: Dock
         assert await sandbox.get_file("/workspace/out.txt") == b"made\n"
         code, out = await run(sandbox, "test -d ~/.claude && stat -c %U /workspace/out.txt")
         assert code == 0 and out.strip() == "agent", out
+        code, out = await run(sandbox, "touch /usr/x", user="0")
+        assert code != 0 and "Read-only file system" in out, out
 
 
 async def test_docker_runs_gvisor_when_asked(docker: DockerProvider) -> None:
@@ -244,6 +245,32 @@ async def test_podman_refuses_a_runtime_with_the_field_named() -> None:
     with pytest.raises(InvalidInputError, match=r"^runtime: the podman provider cannot choose"):
         await podman.validate_spec(SandboxSpec(image=BUSYBOX_IMAGE, runtime="runsc"))
     await podman.aclose()
+
+
+async def test_podman_hardens_and_offers_a_read_only_root() -> None:
+    podman = PodmanProvider()
+    try:
+        with anyio.fail_after(STEP_S):
+            availability = await podman.check()
+        if not availability.available:
+            unavailable(f"podman: {availability.reason}")
+        with anyio.fail_after(STEP_S):
+            sandbox = await podman.create(agent_spec(read_only_root=True))
+        try:
+            agent = await status_masks(sandbox, user=None)
+            assert agent["CapEff"] == 0 and agent["NoNewPrivs"] == 1
+            assert (await status_masks(sandbox, user="0"))["CapEff"] == SETUP_MASK
+            code, out = await run(sandbox, "set -e; touch /workspace/a ~/b /tmp/c; stat -c %U:%a /workspace ~ /tmp")
+            assert code == 0 and out.split() == ["agent:755", "agent:755", "root:1777"], out
+            code, out = await run(sandbox, "touch /usr/x", user="0")
+            assert code != 0 and "Read-only file system" in out, out
+            await sandbox.put_file("/home/agent/.claude/settings.json", b"{}")
+            assert await sandbox.get_file("/home/agent/.claude/settings.json") == b"{}"
+        finally:
+            with anyio.CancelScope(shield=True), anyio.fail_after(STEP_S):
+                await podman.destroy(sandbox.id)
+    finally:
+        await podman.aclose()
 
 
 # -- containerd ---------------------------------------------------------------------------
@@ -303,7 +330,7 @@ async def test_containerd_refuses_a_runtime_it_cannot_run(containerd: Containerd
 
 @pytest.mark.parametrize("field", ["runtime", "read_only_root"])
 async def test_other_providers_refuse_what_they_cannot_honour(field: str, tmp_path: Any) -> None:
-    spec = SandboxSpec(image="default").model_copy(update={field: "runsc" if field == "runtime" else True})
+    spec = SandboxSpec.model_validate({"image": "default", field: "runsc" if field == "runtime" else True})
     with pytest.raises(InvalidInputError, match=f"^{field}: the e2b provider cannot"):
         refuse_mounts(spec, "e2b")
     with pytest.raises(InvalidInputError, match=f"^{field}: the Fly provider cannot"):
