@@ -8,6 +8,7 @@ from typing import Annotated, Literal
 from annotated_types import Ge, Le
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
+from mcp_sandboxes.backends import describe_backends
 from mcp_sandboxes.events import EVENT_TYPES, Usage
 from mcp_sandboxes.orchestrator.views import EnvironmentView, SessionView
 from mcp_sandboxes.providers.base import ResourceLimits
@@ -197,7 +198,7 @@ class SpawnAgentInput(_Input):
     prompt: Prompt = Field(description=f"The first message to the agent (at most {MAX_PROMPT_CHARS:,} characters).")
     backend: Word = Field(
         default="claude",
-        description="Agent CLI: 'claude', 'codex', 'gemini', 'opencode', 'factory' (Droid) or 'custom' (from config).",
+        description=f"Agent CLI, one of: {describe_backends()}.",
     )
     model: Model | None = Field(default=None, description="Model name passed to the CLI, e.g. 'claude-sonnet-4-5'.")
     system_prompt: SystemPrompt | None = Field(

@@ -21,9 +21,10 @@ import pytest
 
 from mcp_sandboxes.backends import _kit
 from mcp_sandboxes.backends.base import Translator, TurnResult
-from mcp_sandboxes.backends.registry import backend_names, build_backend
+from mcp_sandboxes.backends.registry import backend_names, build_backend, describe_backends
 from mcp_sandboxes.config import BackendSettings, load_settings
 from mcp_sandboxes.events import AgentRaw, Event, SessionError, parse_event
+from mcp_sandboxes.server.schemas import SpawnAgentInput
 from tests.backends import contract_cases
 from tests.backends.contract_cases import ContractCase
 
@@ -94,6 +95,12 @@ def test_every_registered_backend_has_a_case_a_default_table_and_an_executable()
         backend = build_backend(name, settings, {})
         assert backend.name == name
         assert isinstance(backend.executable, str) and backend.executable and "/" not in backend.executable
+
+
+def test_the_spawn_agent_schema_lists_the_registry() -> None:
+    description = SpawnAgentInput.model_fields["backend"].description
+    assert description == f"Agent CLI, one of: {describe_backends()}."
+    assert all(f"'{name}' (" in description for name in backend_names())
 
 
 @cases
