@@ -70,10 +70,9 @@ class AgentAccess:
                 f"{spec.network!r} reaches further than your own environment's {own.spec.network!r};"
                 f" use {own.spec.network!r} or narrower",
             )
-        own_runtime = getattr(own.spec, "runtime", None)
-        if own_runtime is not None and getattr(spec, "runtime", None) != own_runtime:
-            raise InvalidInputError("runtime", f"must be {own_runtime!r}, the runtime of your own environment")
-        if getattr(own.spec, "read_only_root", False) and not getattr(spec, "read_only_root", False):
+        if own.spec.runtime is not None and spec.runtime != own.spec.runtime:
+            raise InvalidInputError("runtime", f"must be {own.spec.runtime!r}, the runtime of your own environment")
+        if own.spec.read_only_root and not spec.read_only_root:
             raise InvalidInputError("read_only_root", "must be true, as in your own environment")
         return spec.model_copy(update={"limits": _confined_limits(spec.limits, own.spec.limits)})
 

@@ -32,6 +32,8 @@ class EnvironmentRequest(BaseModel):
     network: NetworkMode = "none"
     limits: ResourceLimits = Field(default_factory=ResourceLimits)
     setup_commands: list[str] = Field(default_factory=list)
+    read_only_root: bool = False
+    runtime: str | None = None
 
 
 class EnvironmentService:
@@ -87,6 +89,8 @@ class EnvironmentService:
             workdir=request.workdir,
             network=request.network,
             limits=request.limits,
+            read_only_root=request.read_only_root,
+            runtime=request.runtime,
         )
         if created_by_session is not None:
             spec = await self._access.confine(created_by_session, request.provider, spec)
@@ -126,6 +130,9 @@ class EnvironmentService:
             workdir=record.spec.workdir,
             network=record.spec.network,
             limits=record.spec.limits,
+            read_only_root=record.spec.read_only_root,
+            runtime=record.spec.runtime,
+            created_by_session=record.created_by_session,
             env_keys=sorted(record.spec.env),
             setup_commands=record.setup_commands,
             state=state,

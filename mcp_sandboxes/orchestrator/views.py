@@ -18,6 +18,9 @@ class EnvironmentView(BaseModel):
     workdir: str
     network: NetworkMode
     limits: ResourceLimits
+    read_only_root: bool = False
+    runtime: str | None = None
+    created_by_session: str | None = Field(default=None, description="The agent's session that made it, if any.")
     env_keys: list[str] = Field(description="Names of the environment variables set (values are not echoed).")
     setup_commands: list[str]
     state: str = Field(

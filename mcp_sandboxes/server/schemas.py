@@ -167,6 +167,18 @@ class CreateEnvironmentInput(_Input):
         max_length=MAX_SETUP_COMMANDS,
         description="Shell commands run once, as root, in each new sandbox before the agent starts.",
     )
+    read_only_root: bool = Field(
+        default=False,
+        description="Read-only root filesystem; only the workdir, the agent's HOME and /tmp stay writable"
+        " (docker, podman, containerd). Setup commands that install packages need a writable root.",
+    )
+    runtime: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=64,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+        description="OCI runtime, e.g. 'runsc' for gVisor (docker, containerd; `mcp-sandboxes doctor` lists them).",
+    )
 
     @field_validator("env")
     @classmethod

@@ -122,6 +122,8 @@ def register_tools(server: MCPServer[Any], orchestrator: Orchestrator, call_scop
                 network=request.network,
                 limits=ResourceLimits(cpus=request.cpus, memory_mb=request.memory_mb, pids=request.pids_limit),
                 setup_commands=request.setup_commands,
+                read_only_root=request.read_only_root,
+                runtime=request.runtime,
             ),
             caller_session_id=caller.session_id,
         )

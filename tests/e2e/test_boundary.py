@@ -259,5 +259,11 @@ async def test_secrets_are_refused_in_environment_variables(
         for env in ({"OPENAI_API_KEY": "x"}, {"GITHUB_TOKEN": "abc"}, {"NOTE": "sk-ant-api03-abcdefghijklmnopqrstu"}):
             with pytest.raises(ToolCallError, match=r"env\.\w+: looks like a credential.*pass_env"):
                 await mcp.call("create_environment", {"name": "leaky", "image": BASE_IMAGE, "env": env})
+        with pytest.raises(ToolCallError, match=r"runtime: .*runsc"):
+            await mcp.call("create_environment", {"name": "odd", "image": BASE_IMAGE, "runtime": "no-such-runtime"})
         await mcp.call("create_environment", {"name": "fine", "image": BASE_IMAGE, "env": {"LANG": "C.UTF-8"}})
-        assert env_count(data) == 1
+        hardened = await mcp.call(
+            "create_environment", {"name": "hard", "image": BASE_IMAGE, "read_only_root": True, "runtime": "runsc"}
+        )
+        assert hardened["read_only_root"] and hardened["runtime"] == "runsc"
+        assert env_count(data) == 2
