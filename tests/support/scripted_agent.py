@@ -33,8 +33,11 @@ INTERRUPTED_EXIT_CODE = 130
 
 
 def emit(event: dict[str, Any]) -> None:
-    sys.stdout.write(json.dumps(event) + "\n")
-    sys.stdout.flush()
+    # Straight to the pipe, no buffered stdout: the SIGINT handler emits too, and may run while
+    # a buffered flush is under way (a reentrant call there raises).
+    data = (json.dumps(event) + "\n").encode()
+    while data:
+        data = data[os.write(1, data) :]
 
 
 def on_sigint(signum: int, frame: FrameType | None) -> None:
@@ -42,9 +45,7 @@ def on_sigint(signum: int, frame: FrameType | None) -> None:
     os._exit(INTERRUPTED_EXIT_CODE)
 
 
-def wait_at_gate(fifo: str) -> str:
-    # O_RDWR: the open never blocks and a read waits for the writer's line instead of seeing EOF.
-    fd = os.open(fifo, os.O_RDWR)
+def wait_at_gate(fd: int) -> str:
     readable, _, _ = select.select([fd], [], [], WAIT_LIMIT_S)
     return os.read(fd, 1024).decode().strip() if readable else "gate timed out"
 
@@ -62,6 +63,9 @@ def main() -> int:
         sys.stderr.write("x" * FILLER_CHARS + "\n" + prompt.removeprefix("CRASH").strip() + "\n")
         return CRASH_EXIT_CODE
 
+    # Opened before the answer is printed, so a test that has read the answer finds a reader there.
+    # O_RDWR: the open never blocks and a read waits for the writer's line instead of seeing EOF.
+    gate = os.open(prompt.split(maxsplit=1)[1], os.O_RDWR) if prompt.startswith("GATE") else None
     turn = os.environ.get("MCP_SANDBOXES_TURN_INDEX", "?")
     emit({"type": "session.native_id", "id": f"sa-{args.session}-{turn}"})
     emit({"type": "agent.tool_use", "tool_use_id": "t1", "name": "echo", "input": {"prompt": prompt}})
@@ -77,8 +81,8 @@ def main() -> int:
     if prompt.startswith("SLEEP"):
         time.sleep(WAIT_LIMIT_S)
         emit({"type": "agent.message", "content": [{"type": "text", "text": "slept to the end"}]})
-    elif prompt.startswith("GATE"):
-        line = wait_at_gate(prompt.split(maxsplit=1)[1])
+    elif gate is not None:
+        line = wait_at_gate(gate)
         emit({"type": "agent.message", "content": [{"type": "text", "text": f"gate said {line}"}]})
     return 0
 
