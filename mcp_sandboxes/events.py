@@ -36,7 +36,8 @@ class Usage(_Model):
         if self.cost_usd is None and other.cost_usd is None:
             cost = None
         else:
-            cost = (self.cost_usd or 0.0) + (other.cost_usd or 0.0)
+            # Rounded: sums of binary floats otherwise show noise like 0.30000000000000004.
+            cost = round((self.cost_usd or 0.0) + (other.cost_usd or 0.0), 8)
         return Usage(
             input_tokens=self.input_tokens + other.input_tokens,
             output_tokens=self.output_tokens + other.output_tokens,

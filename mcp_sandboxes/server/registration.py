@@ -13,7 +13,7 @@ from typing import Annotated, Any, TypeVar
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp.server.mcpserver.utilities.func_metadata import FuncMetadata
-from mcp_types import ToolAnnotations
+from mcp_types import CallToolResult, TextContent, ToolAnnotations
 from pydantic import BaseModel, Field, ValidationError
 
 from mcp_sandboxes.errors import McpSandboxesError
@@ -47,8 +47,12 @@ _TYPE_NAMES = {
 }
 
 
+MAX_SHOWN_NAME = 64
+
+
 def _field_name(loc: tuple[int | str, ...]) -> tuple[str, bool]:
-    """`setup_commands[1]`, `env.PATH`; the flag says the error is about a dict key."""
+    """`setup_commands[1]`, `env.PATH`; the flag says the error is about a dict key. A name
+    the caller made up (an unknown argument, an env key) is cut short, never echoed whole."""
     name, is_key = "", False
     for part in loc:
         if part == "[key]":
@@ -56,7 +60,8 @@ def _field_name(loc: tuple[int | str, ...]) -> tuple[str, bool]:
         elif isinstance(part, int):
             name += f"[{part}]"
         else:
-            name += f".{part}" if name else str(part)
+            shown = part if 0 < len(part) <= MAX_SHOWN_NAME else f"{part[:MAX_SHOWN_NAME]}..." if part else '""'
+            name += f".{shown}" if name else shown
     return name or "arguments", is_key
 
 
@@ -127,6 +132,8 @@ def register_tool(
     handler: Callable[[InputT], Awaitable[OutputT]],
     annotations: ToolAnnotations,
     call_scope: CallScope | None = None,
+    summarize: Callable[[BaseModel], str] | None = None,
+    title: str | None = None,
 ) -> None:
     parameters = []
     for field_name, info in input_model.model_fields.items():
@@ -149,9 +156,20 @@ def register_tool(
         reset = current_progress.set(context.report_progress if isinstance(context, Context) else None)
         try:
             if call_scope is None:
-                return await handler(request)
-            async with call_scope(http_request(context)):
-                return await handler(request)
+                result = await handler(request)
+            else:
+                async with call_scope(http_request(context)):
+                    result = await handler(request)
+            if summarize is None:
+                return result
+            # A short summary first, then the details compactly (no nulls, no indentation).
+            return CallToolResult(
+                content=[
+                    TextContent(type="text", text=summarize(result)),
+                    TextContent(type="text", text=result.model_dump_json(exclude_none=True)),
+                ],
+                structured_content=result.model_dump(mode="json"),
+            )
         except (McpSandboxesError, ToolError) as exc:
             raise ToolError(str(exc)) from exc
         except Exception as exc:
@@ -169,7 +187,9 @@ def register_tool(
     tool.__annotations__ = {CONTEXT_PARAMETER: Context, "return": output_model}
     tool.__name__ = name
     tool.__doc__ = description
-    server.add_tool(tool, name=name, description=description, annotations=annotations, structured_output=True)
+    server.add_tool(
+        tool, name=name, title=title, description=description, annotations=annotations, structured_output=True
+    )
     _forbid_unknown_arguments(server, name)
 
 

@@ -34,10 +34,27 @@ from mcp_sandboxes.server.schemas import (
     WaitForInput,
     WaitForResult,
 )
+from mcp_sandboxes.server.summaries import summarize
 
 READ_ONLY = ToolAnnotations(read_only_hint=True, destructive_hint=False, idempotent_hint=True, open_world_hint=False)
 CREATES = ToolAnnotations(read_only_hint=False, destructive_hint=False, idempotent_hint=False, open_world_hint=False)
 DESTROYS = ToolAnnotations(read_only_hint=False, destructive_hint=True, idempotent_hint=True, open_world_hint=False)
+
+
+# Shown by clients in place of the name; they say what each tool is for in a few words.
+TITLES = {
+    "create_environment": "Create a sandbox environment for sub-agents",
+    "list_environments": "List sandbox environments",
+    "delete_environment": "Delete a sandbox environment",
+    "spawn_agent": "Spawn a coding sub-agent in a sandbox",
+    "send_message": "Send a message to a sub-agent",
+    "wait_for": "Wait for sub-agents to finish",
+    "read_events": "Read a sub-agent's events",
+    "get_session": "Get a sub-agent session's status",
+    "list_sessions": "List sub-agent sessions",
+    "interrupt_session": "Interrupt a sub-agent's turn",
+    "stop_session": "Stop a sub-agent for good",
+}
 
 
 async def report(done: float, total: float | None, message: str | None) -> None:
@@ -294,10 +311,12 @@ def register_tools(server: MCPServer[Any], orchestrator: Orchestrator, call_scop
         register_tool(
             server,
             name=name,
+            title=TITLES[name],
             description=description,
             input_model=input_model,
             output_model=output_model,
             handler=handler,
             annotations=hints,
             call_scope=call_scope,
+            summarize=summarize,
         )
