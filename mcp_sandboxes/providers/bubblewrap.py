@@ -254,6 +254,11 @@ class BubblewrapProvider:
         for key, value in spec.env.items():
             if not key or "=" in key or "\x00" in key or "\x00" in value:
                 raise InvalidInputError(f"env.{key}", "names must be non-empty without '=' or NUL; values without NUL")
+        cpu_count = os.cpu_count()
+        if spec.limits.cpus is not None and cpu_count and spec.limits.cpus > cpu_count:
+            raise InvalidInputError(
+                "cpus", f"{spec.limits.cpus:g} asked, but this host has {cpu_count}; use at most {cpu_count}"
+            )
         return root
 
     # -- lifecycle -----------------------------------------------------------------------

@@ -46,6 +46,7 @@ catatonit or tini-static, "none" runs the keep-alive as PID 1), cgroup_root.
 from __future__ import annotations
 
 import json
+import os
 import posixpath
 import re
 import shutil
@@ -290,6 +291,11 @@ class ContainerdProvider:
     async def validate_spec(self, spec: SandboxSpec) -> None:
         """Cheap checks before a create: the values are well formed and the image is there."""
         self._run_args(spec, spec.name or "mcp-sandboxes-validate", "", posixpath.normpath(spec.workdir))
+        cpu_count = os.cpu_count()  # containerd runs on this host (ctr talks to its local socket)
+        if spec.limits.cpus is not None and cpu_count and spec.limits.cpus > cpu_count:
+            raise InvalidInputError(
+                "cpus", f"{spec.limits.cpus:g} asked, but this host has {cpu_count}; use at most {cpu_count}"
+            )
         await self._check_runtime(spec)
         await self._require_image(spec.image)
 
