@@ -159,7 +159,13 @@ class Orchestrator:
                 sandbox = None
             message = "the server restarted during this turn"
             if sandbox is not None and cut_off:
-                message += await self._end_leftovers(sandbox, session.id)
+                turn_user = env.spec.user if env is not None else None
+                message += await self._end_leftovers(
+                    sandbox,
+                    session.id,
+                    [turn.idx for turn in cut_off],
+                    user=turn_user or self.settings.server.sandbox_user,
+                )
             for turn in cut_off:
                 await self.db.finish_turn(
                     session.id,
@@ -183,11 +189,14 @@ class Orchestrator:
             await self.db.update_session(session.id, status="idle")
             self._spawn(SessionWorker(session_id=session.id, sandbox=sandbox, backend=backend))
 
-    async def _end_leftovers(self, sandbox: Sandbox, session_id: str) -> str:
-        """Kill what a cut-off turn of the session left running; says what, for its error."""
+    async def _end_leftovers(self, sandbox: Sandbox, session_id: str, turns: list[int], *, user: str | None) -> str:
+        """Kill what the cut-off turns of the session left running (what earlier turns left on
+        purpose, such as a server started in the background, stays); says what, for their error."""
+        killed: list[str] = []
         try:
             with anyio.fail_after(LEFTOVER_KILL_TIMEOUT_S):
-                killed = await kill_marked(sandbox, session_id)
+                for index in turns:
+                    killed += await kill_marked(sandbox, session_id, index, user=user)
         except (McpSandboxesError, TimeoutError) as exc:
             logger.warning("session %s: the cut-off turn's processes could not be ended: %s", session_id, exc)
             return f"; what it left running could not be ended ({exc})"
@@ -199,18 +208,25 @@ class Orchestrator:
 
     # -- sandbox liveness --------------------------------------------------------------------
 
-    async def _sandbox_exists(self, provider_name: str, sandbox_id: str) -> bool:
+    async def _sandbox_exists(self, provider_name: str, sandbox_id: str, *, settle_s: float = 0.0) -> bool:
         """False only when the provider says the sandbox is gone; an engine that does not answer
-        (down, slow) is no proof, so then True."""
-        try:
-            with anyio.fail_after(LIVENESS_CHECK_TIMEOUT_S):
-                provider = await self.providers.get(provider_name)
-                return await provider.attach(sandbox_id) is not None
-        except SandboxGoneError:
-            return False
-        except (McpSandboxesError, TimeoutError) as exc:
-            logger.warning("cannot tell whether sandbox %s still exists: %s", sandbox_id, exc)
-            return True
+        (down, slow) is no proof, so then True. `settle_s`: keep asking that long while it seems
+        to exist, for a removal under way (`docker rm -f` kills the processes first, and for a
+        moment the container still looks alive, or refuses to start because it is being removed)."""
+        deadline = anyio.current_time() + settle_s
+        while True:
+            try:
+                with anyio.fail_after(LIVENESS_CHECK_TIMEOUT_S):
+                    provider = await self.providers.get(provider_name)
+                    if await provider.attach(sandbox_id) is None:
+                        return False
+            except SandboxGoneError:
+                return False
+            except (McpSandboxesError, TimeoutError) as exc:
+                logger.warning("cannot tell whether sandbox %s still exists: %s", sandbox_id, exc)
+            if anyio.current_time() >= deadline:
+                return True
+            await anyio.sleep(REMOVAL_POLL_S)
 
     async def _check_worker_sandbox(self, worker: SessionWorker) -> bool:
         """Whether the worker's sandbox still exists; when it does not, the worker is told (it
@@ -643,7 +659,7 @@ class Orchestrator:
         sandbox_id = worker.sandbox.id
 
         async def sandbox_exists() -> bool:
-            return await self._sandbox_exists(provider_name, sandbox_id)
+            return await self._sandbox_exists(provider_name, sandbox_id, settle_s=REMOVAL_SETTLE_S)
 
         if worker.oom is None:
             worker.oom = OomWatch(memory_mb=env.spec.limits.memory_mb)
@@ -783,6 +799,10 @@ KILL_TIMEOUT_S = 10.0
 # Bounds of recovery's kill of a cut-off turn's processes and of one sandbox liveness check.
 LEFTOVER_KILL_TIMEOUT_S = 60.0
 LIVENESS_CHECK_TIMEOUT_S = 30.0
+# After a turn's command was killed: how long a sandbox that still looks alive is watched for a
+# removal under way, and how often it is asked.
+REMOVAL_SETTLE_S = 3.0
+REMOVAL_POLL_S = 0.25
 # Killed processes named in a cut-off turn's error.
 LEFTOVERS_SHOWN = 10
 

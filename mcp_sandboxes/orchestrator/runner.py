@@ -36,29 +36,31 @@ KILLED_BY_SIGKILL = 128 + signal.SIGKILL
 TURN_MARKER_ENV = "MCP_SANDBOX_TURN"
 _SESSION_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
-# Kills, as root inside the sandbox, every process whose environment carries the marker prefix
-# ($1) and prints "PID COMMAND" for each. POSIX sh plus tr/grep/cut: busybox and Debian alike.
-# A few passes, because a marked process may fork while the first pass runs; the kills are
-# SIGKILL, so nothing marked can linger by ignoring them.
+# Kills every process in the sandbox whose environment carries the marker line ($1) and that
+# the user it runs as may see and signal; prints "PID COMMAND" for each. POSIX sh plus
+# tr/grep/cut: busybox and Debian alike.
+# Each pass first stops all it finds, then kills them, so no parent sees its children die and
+# reacts (exits cleanly, starts others); further passes catch what forked meanwhile.
 KILL_MARKED_SCRIPT = r"""
-prefix=$1
+marker=$1
 pass=0
 while [ "$pass" -lt 5 ]; do
-  found=0
+  found=""
   for dir in /proc/[0-9]*; do
     pid=${dir#/proc/}
     [ "$pid" = "$$" ] && continue
-    if tr '\000' '\n' < "$dir/environ" 2>/dev/null | grep -q "^$prefix"; then
-      cmd=$(tr '\000' ' ' < "$dir/cmdline" 2>/dev/null | cut -c1-120)
-      if kill -9 "$pid" 2>/dev/null; then
-        echo "$pid $cmd"
-        found=1
-      fi
+    if tr '\000' '\n' < "$dir/environ" 2>/dev/null | grep -qxF "$marker" && kill -STOP "$pid" 2>/dev/null; then
+      found="$found $pid"
+      echo "$pid $(tr '\000' ' ' < "$dir/cmdline" 2>/dev/null | cut -c1-120)"
     fi
   done
-  [ "$found" = 0 ] && break
+  [ -z "$found" ] && break
+  # A stopped group's last outside parent dying gets it SIGHUP+SIGCONT from the kernel, so some
+  # may be gone before their turn here: that is fine, they were named above.
+  for pid in $found; do kill -9 "$pid" 2>/dev/null; done
   pass=$((pass + 1))
 done
+exit 0
 """
 
 # Prints the sandbox's cgroup count of out-of-memory kills (cgroup v2, then v1), or exits 1.
@@ -76,7 +78,8 @@ exit 1
 Emit = Callable[[Sequence[Event]], Awaitable[None]]
 # Told the CLI's own session id as soon as the translator knows it (so a crash cannot lose it).
 NativeIdSink = Callable[[str], Awaitable[None]]
-# Whether the sandbox still exists (asked only after a command failed).
+# Whether the sandbox still exists; asked only when the command was killed or lost, the moment
+# it ended, so the answer must allow for an engine still busy removing it.
 SandboxExists = Callable[[], Awaitable[bool]]
 
 
@@ -89,19 +92,26 @@ def removed_reason(sandbox_id: str) -> str:
     return f"its sandbox {sandbox_id} was removed outside mcp-sandboxes"
 
 
-async def kill_marked(sandbox: Sandbox, session_id: str) -> list[str]:
-    """SIGKILL every process in the sandbox left by any turn of `session_id` (call it only when
-    none of its turns runs); returns "PID COMMAND" of each killed process."""
+async def kill_marked(sandbox: Sandbox, session_id: str, index: int, *, user: str | None = None) -> list[str]:
+    """SIGKILL every process in the sandbox that turn `index` of `session_id` started (call it
+    only when that turn no longer runs); returns "PID COMMAND" of each killed process.
+
+    The scan runs as the turn's `user`, then as root: a process's environment is readable only
+    by its own user or a holder of CAP_SYS_PTRACE, which container root lacks (dropped)."""
     if not _SESSION_ID.fullmatch(session_id):
         raise ValueError(f"not a session id: {session_id!r}")
-    prefix = f"{TURN_MARKER_ENV}={session_id}:"
-    result = await sandbox.exec(["sh", "-c", KILL_MARKED_SCRIPT, "sh", prefix], user="0", timeout=PROBE_TIMEOUT_S)
-    if not result.ok:
-        raise ProviderError(
-            f"sandbox {sandbox.id}: killing the processes of a cut-off turn exited {result.exit_code}:"
-            f" {result.stderr.decode('utf-8', 'replace').strip()[-300:]}"
+    marker = f"{TURN_MARKER_ENV}={turn_marker(session_id, index)}"
+    killed: list[str] = []
+    for as_user in dict.fromkeys([user or "0", "0"]):
+        result = await sandbox.exec(
+            ["sh", "-c", KILL_MARKED_SCRIPT, "sh", marker], user=as_user, timeout=PROBE_TIMEOUT_S
         )
-    killed = [line.strip() for line in result.stdout.decode("utf-8", "replace").splitlines() if line.strip()]
+        if not result.ok:
+            raise ProviderError(
+                f"sandbox {sandbox.id}: killing the processes of a cut-off turn exited {result.exit_code}:"
+                f" {result.stderr.decode('utf-8', 'replace').strip()[-300:]}"
+            )
+        killed += [line.strip() for line in result.stdout.decode("utf-8", "replace").splitlines() if line.strip()]
     return list(dict.fromkeys(killed))
 
 
@@ -229,16 +239,23 @@ async def run_turn(
     timed_out = deadline.cancelled_caught
     if timed_out:
         handle.interrupted = True
-    failed = outcome.exit_code != 0 and not handle.interrupted
-    if failed and handle.removed is None and sandbox_exists is not None and not await sandbox_exists():
-        handle.removed = removed_reason(sandbox.id)
+    # Killed by a signal, or no exit code at all: what a sandbox's removal looks like from here.
+    killed = not handle.interrupted and (outcome.exit_code < 0 or outcome.exit_code > 128)
     out_of_memory = (
-        failed
+        killed
         and handle.removed is None
         and outcome.exit_code == KILLED_BY_SIGKILL
         and oom is not None
         and await oom.killed_since(sandbox)
     )
+    if (
+        killed
+        and not out_of_memory
+        and handle.removed is None
+        and sandbox_exists is not None
+        and not await sandbox_exists()
+    ):
+        handle.removed = removed_reason(sandbox.id)
     finished = translator.finish(outcome.exit_code, outcome.stderr)
     if handle.removed is not None:
         # The CLI's own error ("exit 137") would blame it for what was done to its sandbox.

@@ -252,13 +252,14 @@ async def test_kill_marked_ends_what_a_turn_left_behind_and_nothing_else(sandbox
     left_fd = os.pidfd_open(left)  # readable once the process has ended, whoever reaps it
     try:
         assert running(left) and running(unmarked)
-        killed = await kill_marked(sandbox, "ses_runner")
+        killed = await kill_marked(sandbox, "ses_runner", 0)
         assert [entry.split()[0] for entry in killed] == [str(left)]
         assert "sleep 301" in killed[0]
         with anyio.fail_after(10):
             await anyio.wait_readable(left_fd)
         assert running(unmarked)
-        assert await kill_marked(sandbox, "ses_other") == []
+        assert await kill_marked(sandbox, "ses_other", 0) == []
+        assert await kill_marked(sandbox, "ses_runner", 1) == []
     finally:
         os.close(left_fd)
         for pid in (left, unmarked):
