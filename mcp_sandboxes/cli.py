@@ -1,4 +1,5 @@
-"""The `mcp-sandboxes` command: serve (stdio | http) and doctor."""
+"""The `mcp-sandboxes` command: serve (stdio | http), token, doctor; the terminal view of a running
+server or of the data directory (sessions, logs, transcript, stop, shell, envs); images build."""
 
 from __future__ import annotations
 
@@ -12,8 +13,10 @@ from collections.abc import Sequence
 import anyio
 
 from mcp_sandboxes import __version__
+from mcp_sandboxes.cli_views import VIEW_COMMANDS, add_view_commands, run_view_command
 from mcp_sandboxes.config import load_settings
 from mcp_sandboxes.errors import McpSandboxesError
+from mcp_sandboxes.images import add_image_commands, run_image_command
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -27,6 +30,11 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8765, help="HTTP port (default 8765)")
     serve.add_argument("--config", help="TOML file overriding the embedded defaults")
     serve.add_argument("--log-level", default=os.environ.get("MCP_SANDBOXES_LOG_LEVEL", "WARNING"))
+    serve.add_argument(
+        "--web-port",
+        type=int,
+        help="stdio only: also serve the web view on 127.0.0.1:PORT (the HTTP transport serves it at /)",
+    )
 
     token = commands.add_parser(
         "token", help="print the operator token the HTTP transport requires (made on first use)"
@@ -37,16 +45,22 @@ def _parser() -> argparse.ArgumentParser:
     doctor.add_argument("--config", help="TOML file overriding the embedded defaults")
     doctor.add_argument("--json", action="store_true", help="machine-readable output")
     doctor.add_argument("--image", action="append", dest="images", help="image to look for agent CLIs in (repeatable)")
+    add_view_commands(commands)
+    add_image_commands(commands)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        settings = load_settings(args.config)
+        settings = load_settings(getattr(args, "config", None))
     except McpSandboxesError as exc:
         sys.stderr.write(f"mcp-sandboxes: {exc}\n")
         return 2
+    if args.command in VIEW_COMMANDS:
+        return run_view_command(args, settings)
+    if args.command == "images":
+        return run_image_command(args)
     if args.command == "serve":
         # stdout belongs to the MCP protocol on stdio: logs go to stderr only.
         logging.basicConfig(
@@ -61,7 +75,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             return 2
         try:
-            anyio.run(lambda: serve(settings, args.transport, host=args.host, port=args.port, auth_token=token))
+            if args.web_port is not None and args.transport != "stdio":
+                sys.stderr.write("mcp-sandboxes: --web-port is for stdio; over HTTP the web view is at / already\n")
+                return 2
+            anyio.run(
+                lambda: serve(
+                    settings, args.transport, host=args.host, port=args.port, auth_token=token, web_port=args.web_port
+                )
+            )
         except KeyboardInterrupt:
             return 130
         except McpSandboxesError as exc:

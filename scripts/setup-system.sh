@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Installs the system packages the project needs: a Docker engine (dockerd, containerd, runc, ctr),
 # debootstrap for the local Debian image, bubblewrap, podman and busybox, strace (tests check which
-# addresses an agent CLI connects to), gVisor's runsc (the `runtime: runsc` option). Idempotent.
+# addresses an agent CLI connects to), gVisor's runsc (the `runtime: runsc` option), chromium (the web
+# view's browser tests drive it headless through Playwright). Idempotent.
 set -euo pipefail
 need=()
-for bin in dockerd:docker.io debootstrap:debootstrap bwrap:bubblewrap podman:podman catatonit:catatonit busybox:busybox-static ip:iproute2 strace:strace runsc:runsc; do
+for bin in dockerd:docker.io debootstrap:debootstrap bwrap:bubblewrap podman:podman catatonit:catatonit busybox:busybox-static ip:iproute2 strace:strace runsc:runsc chromium:chromium; do
   command -v "${bin%%:*}" >/dev/null 2>&1 || need+=("${bin##*:}")
 done
 if ((${#need[@]})); then

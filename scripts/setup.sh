@@ -11,7 +11,7 @@ scripts/start-podman.sh
 if [[ ! -x .venv/bin/python ]]; then python3 -m venv .venv; fi
 stamp=".venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)"
 if [[ ! -f "$stamp" ]]; then
-  .venv/bin/pip install -q -e ".[dev]" 2>&1 | grep -v '^WARNING: Location' || true
+  .venv/bin/pip install -q -e ".[dev,modal]" 2>&1 | grep -v '^WARNING: Location' || true
   .venv/bin/python -c "import mcp_sandboxes" && touch "$stamp"
 fi
 scripts/install-agent-clis.sh

@@ -20,7 +20,9 @@ then short-lived JWTs), retries and reconnects; we use its async interface (`.ai
 - `Sandbox.from_id` + `get_tags` (attach), `terminate` (destroy), `Sandbox.list(app_id=,
   tags=)` (list_owned).
 
-`modal` is imported on first use, so a server that never uses Modal never loads it. Every
+`modal` is an optional extra (`pip install 'mcp-sandboxes[modal]'`) imported on first use, so a
+server that never uses Modal never loads it; without it the provider refuses to start, naming the
+extra (MISSING_SDK). Every
 SDK call has a named finite timeout; SDK errors become ours in `_modal_errors`. The token
 pair comes from providers.modal.token_id / token_secret or MODAL_TOKEN_ID /
 MODAL_TOKEN_SECRET, never from tool arguments, and appears in no message or repr.
@@ -28,6 +30,7 @@ MODAL_TOKEN_SECRET, never from tool arguments, and appears in no message or repr
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import signal as _signal
@@ -39,7 +42,14 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import anyio
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
-from mcp_sandboxes.errors import InvalidInputError, McpSandboxesError, NotFoundError, ProviderError, SandboxGoneError
+from mcp_sandboxes.errors import (
+    InvalidInputError,
+    McpSandboxesError,
+    NotFoundError,
+    ProviderError,
+    ProviderUnavailableError,
+    SandboxGoneError,
+)
 from mcp_sandboxes.providers._cleanup import removed_on_failure
 from mcp_sandboxes.providers._labels import USER_LABEL, WORKDIR_LABEL, owner_labels
 from mcp_sandboxes.providers._modal_errors import TOKEN_HINT, timed_out, translate
@@ -63,6 +73,10 @@ if TYPE_CHECKING:
     import modal
 
 PROVIDER_NAME = "modal"
+MISSING_SDK = (
+    "modal: the Modal SDK is not installed (it is an optional extra); install it with"
+    " pip install 'mcp-sandboxes[modal]'"
+)
 DEFAULT_SERVER_URL = "https://api.modal.com"
 TOKEN_ENV = ("MODAL_TOKEN_ID", "MODAL_TOKEN_SECRET")
 # stdin goes to the router in pieces well under gRPC's message limits.
@@ -97,10 +111,17 @@ def _secret(setting: SecretStr | None, env_name: str) -> str | None:
     return os.environ.get(env_name) or None
 
 
+def require_sdk() -> None:
+    """Refuses, naming the extra, when the `modal` package is not installed."""
+    if importlib.util.find_spec("modal") is None:
+        raise ProviderUnavailableError(MISSING_SDK)
+
+
 class ModalProvider:
     name = PROVIDER_NAME
 
     def __init__(self, settings: ModalSettings | None = None) -> None:
+        require_sdk()
         self.settings = settings or ModalSettings()
         self._token_id = _secret(self.settings.token_id, TOKEN_ENV[0])
         self._token_secret = _secret(self.settings.token_secret, TOKEN_ENV[1])

@@ -9,6 +9,7 @@ from typing import Literal
 import anyio
 import anyio.abc
 from mcp.server.subscriptions import InMemorySubscriptionBus
+from starlette.types import ASGIApp
 
 from mcp_sandboxes import __version__
 from mcp_sandboxes.config import Settings
@@ -22,6 +23,7 @@ from mcp_sandboxes.server.auth import (
 )
 from mcp_sandboxes.server.resources import ResourceNotifier, SandboxesMCPServer, register_resources
 from mcp_sandboxes.server.tools import register_tools
+from mcp_sandboxes.server.web import SHUTDOWN_GRACE_S, WebBesideMcp, web_app
 
 logger = logging.getLogger(__name__)
 
@@ -58,14 +60,19 @@ async def serve(
     host: str = "127.0.0.1",
     port: int = 8765,
     auth_token: str | None = None,
+    web_port: int | None = None,
 ) -> None:
     """Two kinds of caller, two doors. The operator: stdin/stdout, or the HTTP endpoint, which
     needs the operator token (the configured one, or one the server makes and keeps in the data
     directory). Agents: a loopback listener of their own that admits live sessions' tokens only,
-    so no process in a sandbox, even on the host network, can act as the operator."""
+    so no process in a sandbox, even on the host network, can act as the operator.
+
+    The web view (server/web.py) is served beside /mcp over HTTP; over stdio, on 127.0.0.1:`web_port`
+    when one is given (behind the operator token all the same)."""
     async with Orchestrator(settings).running() as orchestrator, anyio.create_task_group() as task_group:
         operator_token = auth_token
-        if transport == "http" and operator_token is None and settings.server.operator_auth == "token":
+        wants_token = transport == "http" or web_port is not None
+        if wants_token and operator_token is None and settings.server.operator_auth == "token":
             operator_token = load_or_create_operator_token(settings.server.operator_token_path)
             logger.warning(
                 "the operator token is in %s (`mcp-sandboxes token` prints it); send it as Authorization: Bearer",
@@ -84,10 +91,13 @@ async def serve(
         if settings.subagents.max_depth > 0:
             url = await task_group.start(_serve_agents_listener, server, identity, settings.subagents.port)
             orchestrator.subagent_url = settings.subagents.url or url
+        web = web_app(orchestrator, operator_token)
         if transport == "stdio":
+            if web_port is not None:
+                task_group.start_soon(_serve_web, web, web_port)
             await server.run_stdio_async()
         else:
-            await _serve_http(server, host=host, port=port, admit=identity.admit_operator_only)
+            await _serve_http(server, host=host, port=port, admit=identity.admit_operator_only, web=web)
         task_group.cancel_scope.cancel()
 
 
@@ -98,13 +108,35 @@ async def _serve_http(
     port: int,
     admit: Admission,
     sockets: list[socket.socket] | None = None,
+    web: ASGIApp | None = None,
 ) -> None:
+    """`web`: the web view, served beside /mcp (the operator's endpoint only)."""
     import uvicorn
-    from starlette.types import ASGIApp
 
     app: ASGIApp = BearerTokenMiddleware(server.streamable_http_app(host=host), admit)
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on")
+    if web is not None:
+        app = WebBesideMcp(app, web)
+    # Open event streams of the web view would otherwise hold a shutdown up for good.
+    config = uvicorn.Config(
+        app, host=host, port=port, log_level="warning", lifespan="on", timeout_graceful_shutdown=SHUTDOWN_GRACE_S
+    )
     await uvicorn.Server(config).serve(sockets=sockets)
+
+
+async def _serve_web(web: ASGIApp, port: int) -> None:
+    """The web view alone, for a stdio server, on loopback."""
+    import uvicorn
+
+    config = uvicorn.Config(
+        web,
+        host="127.0.0.1",
+        port=port,
+        log_level="warning",
+        lifespan="off",
+        timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
+    )
+    logger.warning("web view on http://127.0.0.1:%d/ (sign in with the token `mcp-sandboxes token` prints)", port)
+    await uvicorn.Server(config).serve()
 
 
 async def _serve_agents_listener(
