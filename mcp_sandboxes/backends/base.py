@@ -99,6 +99,9 @@ class TurnResult(BaseModel):
         default=None, description="The CLI's own session/thread id, used to resume the next turn."
     )
     error: str | None = None
+    denials: list[str] = Field(
+        default_factory=list, description="Tool calls the CLI's permission mode refused, e.g. 'Bash: rm -rf x'."
+    )
 
 
 @runtime_checkable

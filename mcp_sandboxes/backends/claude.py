@@ -292,6 +292,27 @@ class ClaudeTranslator:
                 events.append(AgentRaw(source=NAME, data=block))
         return events
 
+    def _denials(self, denials: Any) -> list[Event]:
+        """Tool calls the permission mode refused: the agent says little of them itself, and a
+        turn that ends with end_turn would otherwise hide them from whoever spawned it."""
+        events: list[Event] = []
+        for denial in denials if isinstance(denials, list) else []:
+            if not isinstance(denial, dict):
+                continue
+            tool = str(denial.get("tool_name") or "a tool")
+            tool_input = denial.get("tool_input")
+            detail = ""
+            if isinstance(tool_input, dict):
+                first = next((v for k, v in tool_input.items() if k in ("command", "file_path", "path", "url")), None)
+                detail = f": {str(first)[:200]}" if first is not None else ""
+            self._result.denials.append(f"{tool}{detail}")
+            message = (
+                f"{tool}{detail} was refused by the permission mode; spawn with permission_mode"
+                " 'bypassPermissions' or allowed_tools naming it to let the agent run it"
+            )
+            events.append(SessionError(error=ErrorInfo(type="permission_denied", message=message)))
+        return events
+
     def _final(self, data: dict[str, Any]) -> list[Event]:
         self._got_result = True
         usage = _usage(data.get("usage"), data.get("total_cost_usd"))
@@ -303,6 +324,7 @@ class ClaudeTranslator:
         elif self._last_text is not None:
             result.final_text = self._last_text
         events: list[Event] = [SpanModelRequestEnd(model=self._api_model or self._init_model, model_usage=usage)]
+        events.extend(self._denials(data.get("permission_denials")))
         subtype = data.get("subtype")
         is_error = bool(data.get("is_error"))
         if subtype == "success" and not is_error:

@@ -700,6 +700,7 @@ class Orchestrator:
             final_text=result.final_text,
             error=result.error,
             usage=result.usage,
+            denials=result.denials,
         )
         fields: dict[str, object] = {
             "stop_reason": result.stop_reason,
@@ -815,6 +816,7 @@ def turn_view(turn: TurnRecord) -> TurnView:
         final_message=turn.final_text,
         error=turn.error,
         usage=turn.usage,
+        denied_tools=turn.denials,
     )
 
 

@@ -39,6 +39,9 @@ class TurnView(BaseModel):
     final_message: str | None = None
     error: str | None = None
     usage: Usage | None = None
+    denied_tools: list[str] = Field(
+        default_factory=list, description="Tool calls the agent's permission mode refused in this turn."
+    )
 
 
 class SessionView(BaseModel):

@@ -321,4 +321,7 @@ class TurnOutcome(BaseModel):
     stop_reason: str | None = None
     usage: Usage | None = None
     error: str | None = None
+    denied_tools: list[str] = Field(
+        default_factory=list, description="Tool calls the agent's permission mode refused in this turn."
+    )
     note: str | None = Field(default=None, description="What to do next when the turn has not ended yet.")

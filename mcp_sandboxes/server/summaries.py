@@ -48,6 +48,8 @@ def _session(session: SessionView) -> str:
             lines.append("final message: " + _clip(turn.final_message))
         if turn.error:
             lines.append("error: " + turn.error)
+        if turn.denied_tools:
+            lines.append("refused by the permission mode: " + "; ".join(turn.denied_tools))
     if session.status == "failed" and session.last_error:
         lines.append(f"failed: {session.last_error}. Spawn a new agent to go on.")
     return "\n".join(lines)
@@ -63,6 +65,11 @@ def _outcome(outcome: TurnOutcome) -> str:
         lines.append("final message: " + _clip(outcome.final_message))
     if outcome.error:
         lines.append("error: " + outcome.error)
+    if outcome.denied_tools:
+        lines.append(
+            "refused by the permission mode: " + "; ".join(outcome.denied_tools) + ". To allow them, spawn with"
+            " permission_mode 'bypassPermissions' or allowed_tools naming them."
+        )
     if outcome.stop_reason == "error":
         lines.append("The turn failed; read_events shows why. send_message retries, stop_session ends it.")
     return "\n".join(lines)

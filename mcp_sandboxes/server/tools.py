@@ -119,6 +119,7 @@ def register_tools(server: MCPServer[Any], orchestrator: Orchestrator, call_scop
             stop_reason=view.stop_reason,
             usage=view.usage,
             error=view.error,
+            denied_tools=view.denied_tools,
         )
 
     async def create_environment(request: CreateEnvironmentInput) -> EnvironmentView:

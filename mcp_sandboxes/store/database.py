@@ -335,6 +335,7 @@ class Database:
             final_text=row["final_text"],
             error=row["error"],
             usage=Usage.model_validate_json(row["usage_json"]) if row["usage_json"] else None,
+            denials=json.loads(row["denials_json"]) if row["denials_json"] else [],
             created_at=row["created_at"],
             started_at=row["started_at"],
             ended_at=row["ended_at"],
@@ -387,17 +388,19 @@ class Database:
         final_text: str | None,
         error: str | None,
         usage: Usage | None,
+        denials: Sequence[str] = (),
     ) -> None:
         async with self._transaction() as conn:
             await conn.execute(
-                "UPDATE turns SET status = ?, stop_reason = ?, final_text = ?, error = ?, usage_json = ?, ended_at = ?"
-                " WHERE session_id = ? AND idx = ?",
+                "UPDATE turns SET status = ?, stop_reason = ?, final_text = ?, error = ?, usage_json = ?,"
+                " denials_json = ?, ended_at = ? WHERE session_id = ? AND idx = ?",
                 (
                     status,
                     stop_reason,
                     final_text,
                     error,
                     usage.model_dump_json() if usage else None,
+                    json.dumps(list(denials)) if denials else None,
                     utc_now(),
                     session_id,
                     idx,

@@ -88,4 +88,11 @@ MIGRATIONS: list[tuple[int, str]] = [
         CREATE UNIQUE INDEX environments_live_name ON environments(name) WHERE deleted_at IS NULL;
         """,
     ),
+    (
+        4,
+        # Tool calls the agent's permission mode refused during a turn, so its outcome can say so.
+        """
+        ALTER TABLE turns ADD COLUMN denials_json TEXT;
+        """,
+    ),
 ]

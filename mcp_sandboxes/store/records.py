@@ -55,6 +55,7 @@ class TurnRecord(BaseModel):
     final_text: str | None = None
     error: str | None = None
     usage: Usage | None = None
+    denials: list[str] = Field(default_factory=list)
     created_at: str
     started_at: str | None = None
     ended_at: str | None = None

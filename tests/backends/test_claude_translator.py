@@ -236,15 +236,27 @@ COLLECTED: dict[str, tuple[str, int, int, str | None, list[str]]] = {
         2,
         2,
         "I see README.md",
-        ["mcp_server_failed", "error_during_execution"],
+        ["mcp_server_failed", "permission_denied", "error_during_execution"],
     ),
     "takopi-03646bd-docs-runner-claude-claude_stream_success": ("end_turn", 2, 2, "Done. Added notes.md.", []),
-    "takopi-03646bd-docs-runner-claude-claude_stream_error": ("error", 1, 1, "I need permission", ["error"]),
+    "takopi-03646bd-docs-runner-claude-claude_stream_error": (
+        "error",
+        1,
+        1,
+        "I need permission",
+        ["permission_denied", "error"],
+    ),
     "takopi-05e504c-tests-fixtures-claude_code_all_events": ("end_turn", 9, 9, None, []),
     "takopi-05e504c-tests-fixtures-claude_code_api_error": ("error", 1, 0, "I'll analyze your codebase", ["error"]),
     "takopi-05e504c-tests-fixtures-claude_code_error": ("end_turn", 2, 2, "The directory is empty", []),
     "takopi-05e504c-tests-fixtures-claude_code_multi_tool": ("end_turn", 5, 5, "All tests pass.", []),
-    "takopi-05e504c-tests-fixtures-claude_code_permission_denied": ("end_turn", 1, 1, "I understand you've denied", []),
+    "takopi-05e504c-tests-fixtures-claude_code_permission_denied": (
+        "end_turn",
+        1,
+        1,
+        "I understand you've denied",
+        ["permission_denied"],
+    ),
     "takopi-05e504c-tests-fixtures-claude_code_simple": ("end_turn", 1, 1, "Here are the files", []),
     "takopi-05e504c-tests-fixtures-claude_code_web_search": ("end_turn", 2, 2, "Here are the key Python", []),
     "agentstep-gateway-fixture-custom-tool-turn1": ("end_turn", 1, 0, None, []),
@@ -308,3 +320,27 @@ def test_every_fixture_has_a_provenance_line() -> None:
     sources = (FIXTURES / "SOURCES.md").read_text()
     for path in FIXTURES.glob("*.jsonl"):
         assert path.name in sources, path.name
+
+
+def test_tool_calls_refused_by_the_permission_mode_become_events_and_part_of_the_result() -> None:
+    translator = ClaudeTranslator()
+    result_line = {
+        "type": "result",
+        "subtype": "success",
+        "is_error": False,
+        "session_id": "s-1",
+        "result": "I could not delete the cache: permission was denied.",
+        "usage": {"input_tokens": 10, "output_tokens": 5},
+        "permission_denials": [
+            {"tool_name": "Bash", "tool_use_id": "t1", "tool_input": {"command": "rm -rf /tmp/cache/*"}},
+            {"tool_name": "Write", "tool_use_id": "t2", "tool_input": {"file_path": "/root/x", "content": "y"}},
+        ],
+    }
+    events = translator.feed(json.dumps(result_line))
+    refusals = [e for e in events if isinstance(e, SessionError) and e.error.type == "permission_denied"]
+    assert [e.error.message.split(" was refused")[0] for e in refusals] == [
+        "Bash: rm -rf /tmp/cache/*",
+        "Write: /root/x",
+    ]
+    assert translator.result.denials == ["Bash: rm -rf /tmp/cache/*", "Write: /root/x"]
+    assert translator.result.stop_reason == "end_turn"
