@@ -52,6 +52,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "images":  # needs no settings (and MCP_SANDBOXES_CACHE is no setting)
+        return run_image_command(args)
     try:
         settings = load_settings(getattr(args, "config", None))
     except McpSandboxesError as exc:
@@ -59,8 +61,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.command in VIEW_COMMANDS:
         return run_view_command(args, settings)
-    if args.command == "images":
-        return run_image_command(args)
     if args.command == "serve":
         # stdout belongs to the MCP protocol on stdio: logs go to stderr only.
         logging.basicConfig(

@@ -92,23 +92,24 @@ class ServerSource:
 @asynccontextmanager
 async def server_source(url: str, token: str) -> AsyncIterator[ServerSource]:
     headers = {"Authorization": f"Bearer {token}"}
-    try:
-        async with (
-            httpx2.AsyncClient(headers=headers, timeout=CALL_TIMEOUT_S) as http,
-            Client(streamable_http_client(url, http_client=http)) as client,
-        ):
-            yield ServerSource(client, url)
-    except httpx2.HTTPStatusError as exc:
-        if exc.response.status_code == 401:
+    async with httpx2.AsyncClient(headers=headers, timeout=CALL_TIMEOUT_S) as http:
+        # One plain request first: the SDK's client reports a refused token or an unreachable
+        # server only as a bare "error response", so these two are named here.
+        try:
+            probe = await http.get(url, headers={"Accept": "text/event-stream"})
+        except httpx2.TransportError as exc:
+            raise McpSandboxesError(
+                f"--url {url}: cannot reach the server ({exc}); is `mcp-sandboxes serve --transport http` running?"
+            ) from None
+        if probe.status_code == 401:
             raise McpSandboxesError(
                 f"--url {url}: the server refused the operator token; set MCP_SANDBOXES_AUTH_TOKEN to the token"
                 " `mcp-sandboxes token` prints on the server's machine"
-            ) from None
-        raise McpSandboxesError(f"--url {url}: {exc}") from None
-    except httpx2.TransportError as exc:
-        raise McpSandboxesError(
-            f"--url {url}: cannot reach the server ({exc}); is `mcp-sandboxes serve` running?"
-        ) from None
+            )
+        if probe.status_code == 404:
+            raise McpSandboxesError(f"--url {url}: no MCP endpoint there; the path is usually /mcp")
+        async with Client(streamable_http_client(url, http_client=http)) as client:
+            yield ServerSource(client, url)
 
 
 class LocalSource:

@@ -110,8 +110,9 @@ async def open_source(url: str | None, settings: Settings) -> AsyncIterator[Sour
 
 
 def run_view_command(args: argparse.Namespace, settings: Settings) -> int:
-    console = Console(highlight=False, soft_wrap=args.command == "transcript")
-    errors = Console(stderr=True, highlight=False)
+    # Lines of logs and transcripts are never broken: they are read, grepped and piped.
+    console = Console(highlight=False, soft_wrap=args.command in ("logs", "transcript"))
+    errors = Console(stderr=True, highlight=False, soft_wrap=True)
     commands: dict[str, Callable[[Source], Any]] = {
         "sessions": lambda source: _sessions(source, console, args.live),
         "logs": lambda source: _logs(source, console, args.session_id, args.after, args.follow),
@@ -265,6 +266,7 @@ async def _logs(source: Source, console: Console, session_id: str, after: int, f
         for event in events:
             console.print(event_line(event))
             cursor = event["seq"]
+        console.file.flush()  # a pipe is block-buffered; a follower wants each line as it comes
         if events:
             continue
         if not follow or status in FINAL_STATUSES:

@@ -165,8 +165,10 @@ class Builder:
             (clis / name).write_bytes(context_file("agent-clis", name).read_bytes())
         stamp = clis / "node_modules" / f".installed-{agent_stamp()}"
         if not stamp.exists():
-            self.report("npm ci (the pinned agent CLIs)")
-            self.run([npm, "ci", "--no-audit", "--no-fund", "--loglevel=error"], log, cwd=clis)
+            # `npm install` as scripts/install-agent-clis.sh does: the lock pins the versions, and
+            # `npm ci` refuses it (it lists optional platform packages npm records per machine).
+            self.report("npm install (the pinned agent CLIs)")
+            self.run([npm, "install", "--no-audit", "--no-fund", "--loglevel=error"], log, cwd=clis)
             # @factory/cli's postinstall links the native droid binary; npm skips it when the
             # platform package arrives later (as scripts/install-agent-clis.sh explains).
             self.run([npm, "rebuild", "@factory/cli", "--loglevel=error"], log, cwd=clis)
@@ -209,7 +211,7 @@ def add_image_commands(commands: Any) -> None:
 
 
 def run_image_command(args: argparse.Namespace) -> int:
-    console = Console(highlight=False)
+    console = Console(highlight=False, soft_wrap=True)
     missing = missing_context_files()
     if missing:
         console.print(
