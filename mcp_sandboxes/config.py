@@ -89,6 +89,23 @@ class SubagentSettings(BaseModel):
     )
 
 
+class PermissionSettings(BaseModel):
+    """Permission prompts of sub-agents spawned with ask_permissions=true."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    timeout_s: float = Field(
+        default=300,
+        gt=0,
+        le=3600,
+        description="A prompt nobody answers within this many seconds is denied.",
+    )
+    elicit: bool = Field(
+        default=True,
+        description="Ask the human through MCP elicitation when the operator's client supports it.",
+    )
+
+
 class BackendSettings(BaseModel):
     """Per-backend settings; the backend module reads what applies to it."""
 
@@ -107,6 +124,7 @@ class Settings(BaseModel):
 
     server: ServerSettings = Field(default_factory=ServerSettings)
     subagents: SubagentSettings = Field(default_factory=SubagentSettings)
+    permissions: PermissionSettings = Field(default_factory=PermissionSettings)
     providers: dict[str, dict[str, Any]] = Field(default_factory=dict)
     backends: dict[str, BackendSettings] = Field(default_factory=dict)
 

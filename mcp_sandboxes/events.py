@@ -144,6 +144,26 @@ class SessionThreadCreated(_Model):
     child_session_id: str
 
 
+class SessionRequiresAction(_Model):
+    """The agent waits for a decision: a tool call its permission mode asks about."""
+
+    type: Literal["session.requires_action"] = "session.requires_action"
+    request_id: str
+    tool_name: str
+    tool_input: dict[str, Any] = Field(default_factory=dict)
+    timeout_s: float
+
+
+class UserToolConfirmation(_Model):
+    """The answer to a session.requires_action: allow or deny, by whom."""
+
+    type: Literal["user.tool_confirmation"] = "user.tool_confirmation"
+    request_id: str
+    result: Literal["allow", "deny"]
+    decided_by: str = Field(description="'operator' (elicitation), 'timeout', or the session id that answered.")
+    message: str | None = None
+
+
 class SpanModelRequestEnd(_Model):
     """Usage for a turn (or a step of it, for CLIs that report per step)."""
 
@@ -180,6 +200,8 @@ Event = Annotated[
     | SessionStatusTerminated
     | SessionError
     | SessionThreadCreated
+    | SessionRequiresAction
+    | UserToolConfirmation
     | SpanModelRequestEnd
     | SandboxProvisioned
     | SandboxDestroyed,
@@ -205,6 +227,8 @@ EVENT_TYPES: frozenset[str] = frozenset(
         SessionStatusTerminated,
         SessionError,
         SessionThreadCreated,
+        SessionRequiresAction,
+        UserToolConfirmation,
         SpanModelRequestEnd,
         SandboxProvisioned,
         SandboxDestroyed,

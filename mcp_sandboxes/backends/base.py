@@ -42,6 +42,9 @@ class AgentSpec(BaseModel):
     mcp_servers: dict[str, Any] = Field(
         default_factory=dict, description="MCP servers for the agent, in the `mcpServers` JSON shape."
     )
+    permission_prompt_tool: str | None = Field(
+        default=None, description="An MCP tool (mcp__server__tool) the CLI asks before a tool call its mode asks about."
+    )
 
 
 class Turn(BaseModel):

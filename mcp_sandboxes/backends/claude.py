@@ -92,6 +92,8 @@ class ClaudeBackend:
             argv += ["--max-turns", str(agent.max_turns)]
         if agent.mcp_servers:
             argv += ["--mcp-config", mcp_config_path(turn.home)]
+        if agent.permission_prompt_tool:
+            argv += ["--permission-prompt-tool", argument("permission_prompt_tool", agent.permission_prompt_tool)]
         if turn.resume_id:
             argv += ["--resume", argument("resume_id", turn.resume_id)]
         if agent.allowed_tools:

@@ -4,6 +4,7 @@ The public surface is `__all__` (tests/test_public_surface.py keeps other rooms 
 
 from mcp_sandboxes.orchestrator.core import PROGRESS_INTERVAL_S, Orchestrator, turn_view
 from mcp_sandboxes.orchestrator.environments import EnvironmentRequest
+from mcp_sandboxes.orchestrator.permissions import Decision, PermissionRequest
 from mcp_sandboxes.orchestrator.subagents import OPERATOR, Caller, Lineage, current_caller
 from mcp_sandboxes.orchestrator.transcript import render_transcript
 from mcp_sandboxes.orchestrator.views import EnvironmentView, EventsPage, SessionView
@@ -12,11 +13,13 @@ __all__ = [
     "OPERATOR",
     "PROGRESS_INTERVAL_S",
     "Caller",
+    "Decision",
     "EnvironmentRequest",
     "EnvironmentView",
     "EventsPage",
     "Lineage",
     "Orchestrator",
+    "PermissionRequest",
     "SessionView",
     "current_caller",
     "render_transcript",

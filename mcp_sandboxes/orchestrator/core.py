@@ -43,6 +43,7 @@ from mcp_sandboxes.events import (
 from mcp_sandboxes.orchestrator.access import AgentAccess
 from mcp_sandboxes.orchestrator.bus import EventBus, SessionChanged
 from mcp_sandboxes.orchestrator.environments import EnvironmentRequest, EnvironmentService
+from mcp_sandboxes.orchestrator.permissions import PermissionBroker
 from mcp_sandboxes.orchestrator.providers import ProviderPool
 from mcp_sandboxes.orchestrator.runner import OomWatch, RunningTurn, kill_marked, removed_reason, run_turn
 from mcp_sandboxes.orchestrator.subagents import (
@@ -52,7 +53,14 @@ from mcp_sandboxes.orchestrator.subagents import (
     callback_server,
     new_token,
 )
-from mcp_sandboxes.orchestrator.views import EnvironmentView, EventsPage, EventView, SessionView, TurnView
+from mcp_sandboxes.orchestrator.views import (
+    EnvironmentView,
+    EventsPage,
+    EventView,
+    PermissionView,
+    SessionView,
+    TurnView,
+)
 from mcp_sandboxes.providers.base import Sandbox
 from mcp_sandboxes.redaction import redact
 from mcp_sandboxes.store import Database, SessionRecord
@@ -70,6 +78,8 @@ DEFAULT_TURN_TIMEOUT_S = 3600.0
 PROGRESS_INTERVAL_S = 5.0
 # (done, total, message): how a long call tells its client it is alive.
 Progress = Callable[[float, float | None, str | None], Awaitable[None]]
+# The tool Claude Code asks before a tool call its permission mode asks about (server "sandboxes").
+PERMISSION_PROMPT_TOOL = f"mcp__{SERVER_NAME}__approve_tool_use"
 TRANSCRIPT_URI = "sandboxes://sessions/{session_id}/transcript"
 
 
@@ -102,6 +112,7 @@ class Orchestrator:
         self.environments = EnvironmentService(self.db, self.providers, self.access)
         self.bus = EventBus()
         self.lineage = Lineage(self.db)
+        self.permissions = PermissionBroker(self._emit, settings.permissions.timeout_s)
         # The MCP endpoint sandboxed agents call back (set by the server once it listens); None:
         # sub-agents cannot be offered.
         self.subagent_url: str | None = None
@@ -338,6 +349,7 @@ class Orchestrator:
         prompt: str,
         parent_session_id: str | None = None,
         subagents: bool = False,
+        ask_permissions: bool = False,
     ) -> SessionView:
         """Provision the sandbox, then record the session; a failure at any step leaves nothing behind.
         With `parent_session_id` the session is that one's child; with `subagents` its agent gets
@@ -361,16 +373,40 @@ class Orchestrator:
                 f"environment {env.name!r} runs on the host itself ({env.provider}), where an agent could read"
                 " the server's own files; use a container environment (or set subagents.allow_unsandboxed)",
             )
+        if ask_permissions:
+            if agent.backend != "claude":
+                raise InvalidInputError(
+                    "ask_permissions",
+                    f"only the claude backend can route its permission prompts here, not {agent.backend!r};"
+                    " for the others choose permission_mode / allowed_tools up front",
+                )
+            if agent.permission_mode == "bypassPermissions":
+                raise InvalidInputError(
+                    "ask_permissions", "permission_mode 'bypassPermissions' never asks; drop one of the two"
+                )
         token_sha256: str | None = None
+        token_scope: str | None = None
         prepared_agent = agent
-        if subagents:
-            url = await self._subagent_url(env.spec.network, parent_session_id)
+        if subagents or ask_permissions:
+            url = await self._subagent_url(
+                env.spec.network, parent_session_id, field="subagents" if subagents else "ask_permissions"
+            )
             token, token_sha256 = new_token()
+            token_scope = "full" if subagents else "permissions"
+            update: dict[str, object] = {}
+            if ask_permissions:
+                update["permission_prompt_tool"] = PERMISSION_PROMPT_TOOL
             prepared_agent = agent.model_copy(
-                update={"mcp_servers": {**agent.mcp_servers, SERVER_NAME: callback_server(url, f"Bearer {token}")}}
+                update={
+                    **update,
+                    "mcp_servers": {**agent.mcp_servers, SERVER_NAME: callback_server(url, f"Bearer {token}")},
+                }
             )
             agent = agent.model_copy(
-                update={"mcp_servers": {**agent.mcp_servers, SERVER_NAME: callback_server(url, REDACTED_AUTHORIZATION)}}
+                update={
+                    **update,
+                    "mcp_servers": {**agent.mcp_servers, SERVER_NAME: callback_server(url, REDACTED_AUTHORIZATION)},
+                }
             )
         provider = await self.providers.get(env.provider)
         session_id = f"ses_{uuid.uuid4().hex[:20]}"
@@ -401,6 +437,7 @@ class Orchestrator:
                     created_at=now,
                     updated_at=now,
                     token_sha256=token_sha256,
+                    token_scope=token_scope,
                 ),
                 prompt,
             )
@@ -423,13 +460,14 @@ class Orchestrator:
         self._spawn(SessionWorker(session_id=session_id, sandbox=sandbox, backend=backend))
         return await self.get_session(session_id)
 
-    async def _subagent_url(self, network: str, parent_session_id: str | None) -> str:
-        """Where a new agent calls back to spawn sub-agents, once its depth and network allow it."""
+    async def _subagent_url(self, network: str, parent_session_id: str | None, *, field: str = "subagents") -> str:
+        """Where a new agent calls back (to spawn sub-agents, or only to ask about permissions with
+        `field` 'ask_permissions'), once its depth and network allow it."""
         limit = self.settings.subagents.max_depth
-        if limit == 0:
+        if field == "subagents" and limit == 0:
             raise InvalidInputError("subagents", "sub-agents are turned off here (subagents.max_depth = 0)")
         depth = 0 if parent_session_id is None else await self.lineage.depth(parent_session_id) + 1
-        if depth >= limit:
+        if field == "subagents" and depth >= limit:
             raise InvalidInputError(
                 "subagents",
                 f"this agent would be at depth {depth} and may not spawn its own: the limit is {limit}"
@@ -437,11 +475,11 @@ class Orchestrator:
             )
         if self.subagent_url is None:
             raise InvalidInputError(
-                "subagents", "this server has no address agents can call back; serve it over stdio or http"
+                field, "this server has no address agents can call back; serve it over stdio or http"
             )
         if network != "host":
             raise InvalidInputError(
-                "subagents",
+                field,
                 f"the environment's network is {network!r}, so the agent cannot reach this server;"
                 " use an environment created with network='host'",
             )
@@ -514,7 +552,7 @@ class Orchestrator:
         reported = -1
         while True:
             views = [await self.get_session(session_id) for session_id in ids]
-            settled = [view for view in views if view.status not in ("starting", "running") and not view.queued_turns]
+            settled = [view for view in views if settled_or_asking(view)]
             done = len(settled) == len(views) if mode == "all" else bool(settled)
             if progress is not None and (len(settled) != reported or done):
                 reported = len(settled)
@@ -752,6 +790,11 @@ class Orchestrator:
             created_at=session.created_at,
             updated_at=session.updated_at,
             last_turn=turn_view(last) if last else None,
+            pending_permissions=[
+                PermissionView(request_id=r.request_id, tool_name=r.tool_name, tool_input=r.tool_input)
+                for r in self.permissions.pending(session.id)
+                if r.result is None
+            ],
             transcript_uri=TRANSCRIPT_URI.format(session_id=session.id),
         )
 
@@ -806,6 +849,12 @@ REMOVAL_SETTLE_S = 3.0
 REMOVAL_POLL_S = 0.25
 # Killed processes named in a cut-off turn's error.
 LEFTOVERS_SHOWN = 10
+
+
+def settled_or_asking(view: SessionView) -> bool:
+    """No turn running or queued, or waiting for someone to answer a permission prompt."""
+    idle = view.status not in ("starting", "running") and not view.queued_turns
+    return idle or bool(view.pending_permissions)
 
 
 def turn_view(turn: TurnRecord) -> TurnView:

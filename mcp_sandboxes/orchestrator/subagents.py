@@ -32,6 +32,8 @@ class Caller:
     """Who is calling a tool: the operator (`session_id` None) or an agent acting as a session."""
 
     session_id: str | None = None
+    # 'full': this server's tools within its subtree; 'permissions': only its permission prompts.
+    scope: str = "full"
 
     @property
     def is_agent(self) -> bool:
@@ -87,7 +89,9 @@ class Lineage:
 
     async def caller_for_token(self, token: str) -> Caller | None:
         session = await self._db.find_session_by_token(token_sha256(token))
-        return Caller(session.id) if session is not None else None
+        if session is None:
+            return None
+        return Caller(session.id, scope=session.token_scope or "full")
 
     async def check_reach(self, caller: Caller, session_id: str) -> None:
         """An agent reaches only its own descendants; anything else looks like an unknown id."""

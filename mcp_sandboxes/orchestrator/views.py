@@ -44,6 +44,12 @@ class TurnView(BaseModel):
     )
 
 
+class PermissionView(BaseModel):
+    request_id: str
+    tool_name: str
+    tool_input: dict[str, Any]
+
+
 class SessionView(BaseModel):
     session_id: str
     environment_id: str
@@ -63,6 +69,9 @@ class SessionView(BaseModel):
     created_at: str
     updated_at: str
     last_turn: TurnView | None = None
+    pending_permissions: list[PermissionView] = Field(
+        default_factory=list, description="Tool calls waiting for a decision: answer with resolve_permission."
+    )
     transcript_uri: str
 
 

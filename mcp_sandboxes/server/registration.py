@@ -8,12 +8,23 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping
 from contextlib import AbstractAsyncContextManager
 from contextvars import ContextVar
+from dataclasses import dataclass
 from typing import Annotated, Any, TypeVar
 
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp.server.mcpserver.utilities.func_metadata import FuncMetadata
-from mcp_types import CallToolResult, TextContent, ToolAnnotations
+from mcp.server.session import ServerSession
+from mcp_types import (
+    CallToolResult,
+    ClientCapabilities,
+    ElicitationCapability,
+    InputRequiredResult,
+    RequestId,
+    TextContent,
+    ToolAnnotations,
+)
+from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 from pydantic import BaseModel, Field, ValidationError
 
 from mcp_sandboxes.errors import McpSandboxesError
@@ -30,6 +41,33 @@ CallScope = Callable[[Any], AbstractAsyncContextManager[None]]
 current_progress: ContextVar[Callable[[float, float | None, str | None], Awaitable[None]] | None] = ContextVar(
     "current_progress", default=None
 )
+
+
+@dataclass(frozen=True)
+class CallInfo:
+    """The MCP call being served: its connection and request id (to ask that client things while
+    the call lasts), the protocol version, and the answers a retried call carries (2026-07-28)."""
+
+    session: ServerSession
+    request_id: RequestId
+    protocol_version: str | None
+    input_responses: Mapping[str, Any]
+
+    @property
+    def modern(self) -> bool:
+        """On 2026-07-28 and later the server may not send requests: it returns input_required."""
+        return self.protocol_version in MODERN_PROTOCOL_VERSIONS
+
+    def can_elicit(self) -> bool:
+        wanted = ClientCapabilities(elicitation=ElicitationCapability())
+        try:
+            return self.session.check_client_capability(wanted)
+        except Exception:  # a connection that went away cannot be asked
+            return False
+
+
+# Around each call: the call being served, or None outside one (or without a context).
+current_call: ContextVar[CallInfo | None] = ContextVar("current_call", default=None)
 # The parameter the SDK fills with the call's Context (found by its annotation).
 CONTEXT_PARAMETER = "mcp_call_context"
 
@@ -128,8 +166,8 @@ def register_tool(
     name: str,
     description: str,
     input_model: type[InputT],
-    output_model: type[OutputT],
-    handler: Callable[[InputT], Awaitable[OutputT]],
+    output_model: type[OutputT] | None,
+    handler: Callable[[InputT], Awaitable[Any]],
     annotations: ToolAnnotations,
     call_scope: CallScope | None = None,
     summarize: Callable[[BaseModel], str] | None = None,
@@ -154,13 +192,14 @@ def register_tool(
         except ValidationError as exc:
             raise ToolError(describe_validation_error(exc, list(input_model.model_fields))) from None
         reset = current_progress.set(context.report_progress if isinstance(context, Context) else None)
+        call_reset = current_call.set(_call_of(context))
         try:
             if call_scope is None:
                 result = await handler(request)
             else:
                 async with call_scope(http_request(context)):
                     result = await handler(request)
-            if summarize is None:
+            if summarize is None or isinstance(result, InputRequiredResult):
                 return result
             # A short summary first, then the details compactly (no nulls, no indentation).
             return CallToolResult(
@@ -182,15 +221,41 @@ def register_tool(
             ) from exc
         finally:
             current_progress.reset(reset)
+            current_call.reset(call_reset)
 
-    tool.__signature__ = inspect.Signature(parameters, return_annotation=output_model)  # type: ignore[attr-defined]
-    tool.__annotations__ = {CONTEXT_PARAMETER: Context, "return": output_model}
+    # No output model: the tool's answer is its text alone (a CLI reads it), with no structured output.
+    returns: Any = output_model if output_model is not None else CallToolResult
+    tool.__signature__ = inspect.Signature(parameters, return_annotation=returns)  # type: ignore[attr-defined]
+    tool.__annotations__ = {CONTEXT_PARAMETER: Context, "return": returns}
     tool.__name__ = name
     tool.__doc__ = description
     server.add_tool(
-        tool, name=name, title=title, description=description, annotations=annotations, structured_output=True
+        tool,
+        name=name,
+        title=title,
+        description=description,
+        annotations=annotations,
+        structured_output=output_model is not None,
     )
-    _forbid_unknown_arguments(server, name)
+    if input_model.model_config.get("extra") != "allow":
+        _forbid_unknown_arguments(server, name)
+    else:
+        _check_arguments_in_the_tool(server, name)
+
+
+def _call_of(context: Any) -> CallInfo | None:
+    if not isinstance(context, Context):
+        return None
+    try:
+        session: ServerSession = context.request_context.session
+        request_id: RequestId | None = context.request_context.request_id
+        version = context.protocol_version
+        responses = context.input_responses or {}
+    except (ValueError, AttributeError):
+        return None
+    if request_id is None:
+        return None
+    return CallInfo(session, request_id, version, dict(responses))
 
 
 def http_request(context: Any) -> Any:
@@ -213,6 +278,21 @@ class _ArgumentsCheckedByTheTool(FuncMetadata):
         arguments = self.pre_parse_json(arguments_to_validate)
         arguments.pop(CONTEXT_PARAMETER, None)  # only the SDK fills it
         return arguments
+
+
+def _check_arguments_in_the_tool(server: MCPServer[Any], name: str) -> None:
+    """For a tool whose input model takes extra keys (a CLI's own call shape): the tool's model
+    still checks the arguments, and the schema lets unknown keys through."""
+    registered = server._tool_manager.get_tool(name)
+    if registered is None:  # pragma: no cover - registered just above
+        raise RuntimeError(f"tool {name} was not registered")
+    metadata = registered.fn_metadata
+    registered.fn_metadata = _ArgumentsCheckedByTheTool(
+        arg_model=metadata.arg_model,
+        output_schema=metadata.output_schema,
+        output_model=metadata.output_model,
+        wrap_output=metadata.wrap_output,
+    )
 
 
 def _forbid_unknown_arguments(server: MCPServer[Any], name: str) -> None:

@@ -233,6 +233,13 @@ class SpawnAgentInput(_Input):
         description="Give the agent this server's tools (MCP server 'sandboxes') so it can spawn and steer its own"
         " sub-agents, within the depth limit. Needs an environment with network='host'.",
     )
+    ask_permissions: bool = Field(
+        default=False,
+        description="Claude only: when its permission mode asks about a tool call, ask here instead of refusing:"
+        " the session shows session.requires_action, the human is asked through elicitation when the client"
+        " supports it, and resolve_permission answers; unanswered prompts are denied after"
+        " permissions.timeout_s. Needs network='host'.",
+    )
     wait: bool = Field(default=False, description="Wait for the first turn to end and return its final message.")
     timeout_s: float = Field(
         default=300, gt=0, le=MAX_WAIT_S, allow_inf_nan=False, description="How long `wait` waits, in seconds."
@@ -286,6 +293,14 @@ class EnvironmentList(BaseModel):
 
 class SessionList(BaseModel):
     sessions: list[SessionView]
+
+
+class ResolvePermissionInput(SessionRefInput):
+    request_id: str = Field(
+        max_length=64, description="The request's id (perm_...), from session.requires_action or get_session."
+    )
+    decision: Literal["allow", "deny"] = Field(description="allow: the tool call runs; deny: it is refused.")
+    message: str | None = Field(default=None, max_length=2000, description="Why; told to the sub-agent.")
 
 
 class WaitForInput(_Input):

@@ -2,23 +2,29 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
 from mcp.server.mcpserver import MCPServer
-from mcp_types import ToolAnnotations
+from mcp_types import CallToolResult, TextContent, ToolAnnotations
 
 from mcp_sandboxes.backends.base import AgentSpec
-from mcp_sandboxes.errors import ConflictError
+from mcp_sandboxes.errors import ConflictError, NotFoundError
 from mcp_sandboxes.orchestrator import Orchestrator
 from mcp_sandboxes.orchestrator.core import PROGRESS_INTERVAL_S, turn_view
 from mcp_sandboxes.orchestrator.environments import EnvironmentRequest
 from mcp_sandboxes.orchestrator.subagents import current_caller
 from mcp_sandboxes.orchestrator.views import EnvironmentView, EventsPage, SessionView
 from mcp_sandboxes.providers.base import ResourceLimits
-from mcp_sandboxes.server.registration import CallScope, current_progress, register_tool
+from mcp_sandboxes.server.permissions import (
+    ApproveToolUseInput,
+    OperatorChannel,
+    answer_for,
+)
+from mcp_sandboxes.server.registration import CallScope, current_call, current_progress, register_tool
 from mcp_sandboxes.server.schemas import (
     CreateEnvironmentInput,
     DeleteEnvironmentInput,
@@ -26,6 +32,7 @@ from mcp_sandboxes.server.schemas import (
     ListSessionsInput,
     NoInput,
     ReadEventsInput,
+    ResolvePermissionInput,
     SendMessageInput,
     SessionList,
     SessionRefInput,
@@ -41,6 +48,9 @@ CREATES = ToolAnnotations(read_only_hint=False, destructive_hint=False, idempote
 DESTROYS = ToolAnnotations(read_only_hint=False, destructive_hint=True, idempotent_hint=True, open_world_hint=False)
 
 
+APPROVE_TOOL = "approve_tool_use"
+# Waiting reads that may return a sub-agent's permission question as input_required (2026-07-28).
+QUESTION_CARRIERS = frozenset({"wait_for", "read_events"})
 # Shown by clients in place of the name; they say what each tool is for in a few words.
 TITLES = {
     "create_environment": "Create a sandbox environment for sub-agents",
@@ -49,6 +59,8 @@ TITLES = {
     "spawn_agent": "Spawn a coding sub-agent in a sandbox",
     "send_message": "Send a message to a sub-agent",
     "wait_for": "Wait for sub-agents to finish",
+    "resolve_permission": "Answer a sub-agent's permission prompt",
+    "approve_tool_use": "Permission prompt of a sandboxed agent",
     "read_events": "Read a sub-agent's events",
     "get_session": "Get a sub-agent session's status",
     "list_sessions": "List sub-agent sessions",
@@ -169,12 +181,42 @@ def register_tools(server: MCPServer[Any], orchestrator: Orchestrator, call_scop
             ),
             parent_session_id=current_caller.get().session_id,
             subagents=request.subagents,
+            ask_permissions=request.ask_permissions,
         )
         return await outcome(session.session_id, 0, request.wait, request.timeout_s)
 
     async def send_message(request: SendMessageInput) -> TurnOutcome:
         _, index = await orchestrator.send_message(await reachable(request.session_id), request.text)
         return await outcome(request.session_id, index, request.wait, request.timeout_s)
+
+    async def approve_tool_use(request: ApproveToolUseInput) -> CallToolResult:
+        caller = current_caller.get()
+        if caller.session_id is None:
+            raise ConflictError(
+                "approve_tool_use: only a sandboxed agent asks this (its permission prompt); to answer one,"
+                " use resolve_permission"
+            )
+        decided = await orchestrator.permissions.ask(caller.session_id, request.tool_name, request.input)
+        answer = answer_for(decided, request.input).model_dump(exclude_none=True)
+        # Claude Code reads the answer from a single text block, exactly its JSON shape, and refuses
+        # a result that carries anything else (structured content included).
+        return CallToolResult(content=[TextContent(type="text", text=json.dumps(answer))])
+
+    async def resolve_permission(request: ResolvePermissionInput) -> SessionView:
+        caller = current_caller.get()
+        session_id = await reachable(request.session_id)
+        if all(r.request_id != request.request_id for r in orchestrator.permissions.pending(session_id)):
+            raise NotFoundError(
+                f"request_id: session {session_id} has no pending request {request.request_id!r};"
+                " get_session lists its pending_permissions"
+            )
+        await orchestrator.permissions.resolve(
+            request.request_id,
+            request.decision,
+            decided_by=caller.session_id or "operator",
+            message=request.message,
+        )
+        return await orchestrator.get_session(session_id)
 
     async def wait_for(request: WaitForInput) -> WaitForResult:
         for session_id in request.session_ids:
@@ -211,7 +253,7 @@ def register_tools(server: MCPServer[Any], orchestrator: Orchestrator, call_scop
     async def stop_session(request: SessionRefInput) -> SessionView:
         return await orchestrator.stop_session(await reachable(request.session_id))
 
-    tools: list[tuple[str, str, type[Any], type[Any], Any, ToolAnnotations]] = [
+    tools: list[tuple[str, str, type[Any], type[Any] | None, Any, ToolAnnotations]] = [
         (
             "create_environment",
             "Create a named sandbox environment (provider, image, env vars, network, limits, setup commands)."
@@ -256,6 +298,24 @@ def register_tools(server: MCPServer[Any], orchestrator: Orchestrator, call_scop
             TurnOutcome,
             send_message,
             CREATES,
+        ),
+        (
+            "resolve_permission",
+            "Answer a sub-agent's permission prompt (session.requires_action): allow or deny the tool call it"
+            " waits on. Its pending requests are in get_session's pending_permissions.",
+            ResolvePermissionInput,
+            SessionView,
+            resolve_permission,
+            ToolAnnotations(read_only_hint=False, destructive_hint=False, idempotent_hint=False, open_world_hint=False),
+        ),
+        (
+            APPROVE_TOOL,
+            "Permission prompt of a sandboxed Claude Code (its --permission-prompt-tool): asks whoever"
+            " spawned it whether a tool call may run. Called by sub-agents, not by you.",
+            ApproveToolUseInput,
+            None,
+            approve_tool_use,
+            ToolAnnotations(read_only_hint=False, destructive_hint=False, idempotent_hint=False, open_world_hint=False),
         ),
         (
             "wait_for",
@@ -308,6 +368,32 @@ def register_tools(server: MCPServer[Any], orchestrator: Orchestrator, call_scop
             DESTROYS,
         ),
     ]
+    channel = OperatorChannel(orchestrator)
+    orchestrator.permissions.askers.append(channel.ask)
+
+    def guarded(name: str, handler: Any) -> Any:
+        """Who may call what: a permissions-only token reaches approve_tool_use and nothing else;
+        the operator's connection is remembered, to ask the human about sub-agents' tool calls."""
+
+        async def call(request: Any) -> Any:
+            caller = current_caller.get()
+            if caller.scope == "permissions" and name != APPROVE_TOOL:
+                raise ConflictError(
+                    f"{name}: this agent's token only asks about its own permission prompts"
+                    " (spawned with ask_permissions, not subagents)"
+                )
+            if caller.is_agent:
+                return await handler(request)
+            call = current_call.get()
+            if call is not None:
+                await channel.apply_answers(call)
+                if call.modern and name in QUESTION_CARRIERS:
+                    return await channel.run_or_ask(call, handler, request)
+            async with channel.calling(call):
+                return await handler(request)
+
+        return call
+
     for name, description, input_model, output_model, handler, hints in tools:
         register_tool(
             server,
@@ -316,8 +402,8 @@ def register_tools(server: MCPServer[Any], orchestrator: Orchestrator, call_scop
             description=description,
             input_model=input_model,
             output_model=output_model,
-            handler=handler,
+            handler=guarded(name, handler),
             annotations=hints,
             call_scope=call_scope,
-            summarize=summarize,
+            summarize=None if name == APPROVE_TOOL else summarize,
         )

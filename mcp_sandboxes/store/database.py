@@ -115,7 +115,10 @@ class Database:
     async def _transaction(self) -> AsyncIterator[aiosqlite.Connection]:
         async with self._lock:
             conn = self.conn
-            await conn.execute("BEGIN IMMEDIATE")
+            # Shielded: a caller cancelled while BEGIN runs in aiosqlite's thread would otherwise
+            # leave the transaction open, and every later BEGIN would fail.
+            with anyio.CancelScope(shield=True):
+                await conn.execute("BEGIN IMMEDIATE")
             try:
                 yield conn
             except BaseException:
@@ -238,6 +241,7 @@ class Database:
             created_at=row["created_at"],
             updated_at=row["updated_at"],
             token_sha256=row["token_sha256"],
+            token_scope=row["token_scope"],
         )
 
     async def insert_session(self, session: SessionRecord, first_prompt: str) -> None:
@@ -246,7 +250,7 @@ class Database:
             await conn.execute(
                 "INSERT INTO sessions (id, environment_id, parent_session_id, backend, agent_json, status,"
                 " sandbox_id, native_session_id, stop_reason, last_error, usage_json, created_at, updated_at,"
-                " token_sha256) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " token_sha256, token_scope) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     session.id,
                     session.environment_id,
@@ -262,6 +266,7 @@ class Database:
                     session.created_at,
                     session.updated_at,
                     session.token_sha256,
+                    session.token_scope,
                 ),
             )
             await conn.execute(

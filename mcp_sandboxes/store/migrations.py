@@ -95,4 +95,12 @@ MIGRATIONS: list[tuple[int, str]] = [
         ALTER TABLE turns ADD COLUMN denials_json TEXT;
         """,
     ),
+    (
+        5,
+        # What a session's token may do: 'full' (this server's tools within its subtree) or
+        # 'permissions' (only answer-seeking for its own permission prompts).
+        """
+        ALTER TABLE sessions ADD COLUMN token_scope TEXT;
+        """,
+    ),
 ]

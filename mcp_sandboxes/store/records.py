@@ -44,6 +44,9 @@ class SessionRecord(BaseModel):
     token_sha256: str | None = Field(
         default=None, description="SHA-256 of the bearer token its agent uses to call this server back, if any."
     )
+    token_scope: str | None = Field(
+        default=None, description="'full' (sub-agents) or 'permissions' (only its own permission prompts)."
+    )
 
 
 class TurnRecord(BaseModel):

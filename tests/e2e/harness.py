@@ -94,12 +94,19 @@ def server_environment(
 
 @asynccontextmanager
 async def mcp_server(
-    transport: Transport, environment: dict[str, str], *, mode: str = "auto", message_handler: Any = None
+    transport: Transport,
+    environment: dict[str, str],
+    *,
+    mode: str = "auto",
+    message_handler: Any = None,
+    elicitation_callback: Any = None,
 ) -> AsyncIterator[McpSession]:
     command = [sys.executable, "-m", "mcp_sandboxes", "serve", "--transport", transport]
     if transport == "stdio":
         params = StdioServerParameters(command=command[0], args=command[1:], env=environment, cwd=str(ROOT))
-        async with Client(params, mode=mode, message_handler=message_handler) as client:
+        async with Client(
+            params, mode=mode, message_handler=message_handler, elicitation_callback=elicitation_callback
+        ) as client:
             yield McpSession(client, transport)
         return
     port = free_port()
@@ -125,7 +132,12 @@ async def mcp_server(
         token = operator_token(environment)
         async with (
             httpx2.AsyncClient(headers={"Authorization": f"Bearer {token}"}, timeout=CALL_TIMEOUT_S) as http,
-            Client(streamable_http_client(url, http_client=http), mode=mode, message_handler=message_handler) as client,
+            Client(
+                streamable_http_client(url, http_client=http),
+                mode=mode,
+                message_handler=message_handler,
+                elicitation_callback=elicitation_callback,
+            ) as client,
         ):
             yield McpSession(client, transport, url)
     finally:

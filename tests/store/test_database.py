@@ -142,3 +142,27 @@ async def test_session_updates_persist_across_reopen(tmp_path: Path) -> None:
         assert session.usage.output_tokens == 7 and session.usage.cost_usd == 0.5
         with pytest.raises(NotFoundError, match="list_sessions"):
             await db.get_session("nope")
+
+
+async def test_a_write_cancelled_while_it_begins_leaves_no_transaction_open(tmp_path: Path) -> None:
+    """A cancelled caller (a tool call answered early) must not leave BEGIN without COMMIT: writes
+    cut off at every point of their first few hundred microseconds, then one that must succeed."""
+    async with Database(tmp_path / "db.sqlite3") as db:
+        for attempt in range(200):
+            with anyio.move_on_after(attempt * 0.00001):
+                await db.insert_environment(
+                    EnvironmentRecord(
+                        id=f"env_{attempt}",
+                        name=f"e{attempt}",
+                        provider="docker",
+                        spec=SandboxSpec(image="x"),
+                        created_at="2026-01-01T00:00:00Z",
+                    )
+                )
+        with anyio.fail_after(10):
+            await db.insert_environment(
+                EnvironmentRecord(
+                    id="env_last", name="last", provider="docker", spec=SandboxSpec(image="x"), created_at="2026-01-01"
+                )
+            )
+        assert "last" in [e.name for e in await db.list_environments()]
