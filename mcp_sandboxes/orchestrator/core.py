@@ -175,7 +175,7 @@ class Orchestrator:
                     sandbox,
                     session.id,
                     [turn.idx for turn in cut_off],
-                    user=turn_user or self.settings.server.sandbox_user,
+                    user=turn_user or self._user_of(sandbox),
                 )
             for turn in cut_off:
                 await self.db.finish_turn(
@@ -410,7 +410,8 @@ class Orchestrator:
             )
         provider = await self.providers.get(env.provider)
         session_id = f"ses_{uuid.uuid4().hex[:20]}"
-        user = self.settings.server.sandbox_user
+        # A provider that runs everything as the server's own user (process) takes no user name.
+        user = None if getattr(provider, "ignores_user", False) else self.settings.server.sandbox_user
         spec = env_spec.model_copy(
             update={
                 "name": f"mcp-sandboxes-{session_id}",
@@ -423,7 +424,7 @@ class Orchestrator:
         sandbox = await provider.create(spec)
         try:
             await self._run_setup(sandbox, env.setup_commands, made_by_agent=env.created_by_session is not None)
-            await backend.prepare(sandbox, prepared_agent, home=self.settings.server.sandbox_home, user=spec.user)
+            await backend.prepare(sandbox, prepared_agent, home=self._home_of(sandbox), user=spec.user)
             now = utc_now()
             await self.db.insert_session(
                 SessionRecord(
@@ -683,7 +684,7 @@ class Orchestrator:
             resume_id=session.native_session_id,
             agent=session.agent,
             workdir=env.spec.workdir,
-            home=self.settings.server.sandbox_home,
+            home=self._home_of(worker.sandbox),
         )
 
         async def emit(events: Sequence[Event]) -> None:
@@ -709,7 +710,7 @@ class Orchestrator:
                 turn=turn,
                 handle=handle,
                 emit=emit,
-                user=env.spec.user or self.settings.server.sandbox_user,
+                user=env.spec.user or self._user_of(worker.sandbox),
                 timeout_s=self.turn_timeout_s,
                 on_native_id=save_native_id,
                 sandbox_exists=sandbox_exists,
@@ -828,6 +829,14 @@ class Orchestrator:
             session_status=session.status,
             timed_out=timed_out,
         )
+
+    def _home_of(self, sandbox: Sandbox) -> str:
+        """The agent's HOME: the sandbox's own where it has one on the host (process), else the
+        configured one inside the sandbox."""
+        return str(getattr(sandbox, "host_home", None) or self.settings.server.sandbox_home)
+
+    def _user_of(self, sandbox: Sandbox) -> str | None:
+        return None if getattr(sandbox, "host_home", None) else self.settings.server.sandbox_user
 
     def backend_names(self) -> list[str]:
         return backend_names()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import anyio
 
@@ -12,6 +13,8 @@ from mcp_sandboxes.providers.registry import build_provider
 
 AVAILABILITY_TTL_S = 10.0
 CHECK_TIMEOUT_S = 10.0
+# Providers whose sandboxes are directories on this host (`state_dir` in their settings).
+STATE_DIR_PROVIDERS = frozenset({"process", "bubblewrap"})
 
 
 class ProviderPool:
@@ -24,8 +27,16 @@ class ProviderPool:
     async def get(self, name: str) -> Provider:
         async with self._lock:
             if name not in self._providers:
-                self._providers[name] = build_provider(name, self._settings.provider(name))
+                self._providers[name] = build_provider(name, self._config(name))
             return self._providers[name]
+
+    def _config(self, name: str) -> dict[str, Any]:
+        """The provider's settings; providers that keep sandboxes on disk keep them under this
+        server's data directory unless told otherwise (not under some other default)."""
+        config = dict(self._settings.provider(name))
+        if name in STATE_DIR_PROVIDERS and not config.get("state_dir"):
+            config["state_dir"] = str(self._settings.server.data_dir.expanduser() / "sandboxes" / name)
+        return config
 
     async def availability(self, name: str) -> Availability:
         cached = self._availability.get(name)

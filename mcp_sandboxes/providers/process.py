@@ -98,6 +98,9 @@ class ProcessProvider:
     def from_settings(cls, settings: Mapping[str, Any]) -> ProcessProvider:
         return cls(validated(ProcessSettings, settings, PROVIDER_NAME))
 
+    # Commands run as the server's own user: a sandbox user name means nothing here.
+    ignores_user = True
+
     def exposes_host(self, spec: SandboxSpec) -> bool:
         """Always: a process sandbox is the host, as the server's own user."""
         return True
@@ -179,6 +182,11 @@ class ProcessSandbox:
 
     def __repr__(self) -> str:
         return f"ProcessSandbox({self.id})"
+
+    @property
+    def host_home(self) -> str:
+        """The sandbox's private HOME on the host (agents get it instead of /home/agent)."""
+        return str(self._places.dirs.home)
 
     @property
     def workdir(self) -> Path:

@@ -27,19 +27,13 @@ def spine_settings(tmp_path: Path) -> Settings:
         "MCP_SANDBOXES_DATA_DIR": str(tmp_path / "data"),
         "MCP_SANDBOXES_DEFAULT_PROVIDER": "process",
         "MCP_SANDBOXES_DEFAULT_IMAGE": "host",
-        # The process provider runs commands on the host: HOME must be a directory of the test's.
-        "MCP_SANDBOXES_SANDBOX_HOME": str(tmp_path / "home"),
-        # The process provider reads the data dir from os.environ, not from these settings.
-        "MCP_SANDBOXES_PROVIDERS__PROCESS__STATE_DIR": str(tmp_path / "sandboxes"),
         "MCP_SANDBOXES_BACKENDS__CUSTOM__ARGV": json.dumps([*agent, "{prompt}"]),
         "MCP_SANDBOXES_BACKENDS__CUSTOM__RESUME_ARGV": json.dumps([*agent, "--resume", "{resume_id}", "{prompt}"]),
         "MCP_SANDBOXES_SUBAGENTS__MAX_DEPTH": "0",
     }
-    settings = load_settings(environ=environ)
-    # The process provider runs as the server's own user: no sandbox user to switch to (neither a
-    # TOML file nor an environment variable can say None, so it is set here).
-    server = settings.server.model_copy(update={"sandbox_user": None})
-    return settings.model_copy(update={"server": server})
+    # The defaults otherwise: the process provider keeps its sandboxes (and each one's HOME) under
+    # the data directory and runs as the server's own user, whatever sandbox_user says.
+    return load_settings(environ=environ)
 
 
 def orchestrator_of(settings: Settings) -> Orchestrator:
@@ -102,4 +96,4 @@ def process_alive(pid: int) -> bool:
 
 
 def sandbox_dir(settings: Settings, sandbox_id: str) -> Path:
-    return Path(settings.provider("process")["state_dir"]) / sandbox_id
+    return settings.server.data_dir / "sandboxes" / "process" / sandbox_id

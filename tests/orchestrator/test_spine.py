@@ -76,7 +76,9 @@ async def test_a_spawned_agent_runs_its_first_turn_with_the_prompt_as_one_argume
     [answer] = texts(events)
     assert answer_field(answer, "echo") == prompt
     assert answer_field(answer, "resumed") == "-"
-    assert answer_field(answer, "home") == settings.server.sandbox_home
+    # The sandbox's own HOME on the host, never the configured in-sandbox /home/agent.
+    assert answer_field(answer, "home") == str(sandbox_dir(settings, spawned.sandbox_id) / "home")
+    assert settings.server.sandbox_user == "agent"  # the default, which the process provider ignores
     workspace = sandbox_dir(settings, spawned.sandbox_id) / "workspace"
     assert answer_field(answer, "cwd") == str(workspace)
     assert not (workspace / "pwned").exists()
