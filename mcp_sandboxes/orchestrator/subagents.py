@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,8 +40,6 @@ class Caller:
 
 
 OPERATOR = Caller()
-# Set by the MCP layer around each tool call.
-current_caller: ContextVar[Caller] = ContextVar("current_caller", default=OPERATOR)
 
 
 def new_token() -> tuple[str, str]:

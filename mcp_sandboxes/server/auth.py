@@ -8,16 +8,19 @@ import os
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from mcp_sandboxes.errors import McpSandboxesError
-from mcp_sandboxes.orchestrator.subagents import OPERATOR, Caller, Lineage, current_caller
+from mcp_sandboxes.orchestrator import OPERATOR, Caller, Lineage
 from mcp_sandboxes.store.database import make_private_dir
 
 BEARER = "Bearer "
+# Who is calling, set around each tool call by CallerIdentity.call_scope (the operator when unset).
+current_caller: ContextVar[Caller] = ContextVar("current_caller", default=OPERATOR)
 OPERATOR_TOKEN_BYTES = 32
 # Given the Authorization header's value ("" when absent), whether the request may go on.
 Admission = Callable[[str], Awaitable[bool]]

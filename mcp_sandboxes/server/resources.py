@@ -6,7 +6,6 @@ versions, tracked here per client session)."""
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import Any
 
@@ -20,17 +19,14 @@ from mcp.server.subscriptions import InMemorySubscriptionBus, ResourcesListChang
 
 from mcp_sandboxes.errors import NotFoundError
 from mcp_sandboxes.orchestrator import Orchestrator
-from mcp_sandboxes.orchestrator.transcript import render_transcript
 from mcp_sandboxes.server.auth import CallerIdentity
 from mcp_sandboxes.server.registration import http_request
-from mcp_sandboxes.store.records import LIVE_STATUSES
 
 logger = logging.getLogger(__name__)
 
 TRANSCRIPT_TEMPLATE = "sandboxes://sessions/{session_id}/transcript"
 EVENTS_TEMPLATE = "sandboxes://sessions/{session_id}/events"
 NOTIFY_TIMEOUT_S = 5.0
-MAX_EVENTS_IN_RESOURCE = 10_000
 
 
 class SandboxesMCPServer(MCPServer[Any]):
@@ -50,13 +46,13 @@ class SandboxesMCPServer(MCPServer[Any]):
             if caller is None:
                 visible = set()
             elif caller.session_id is not None:
-                visible = set(await self.orchestrator.lineage.descendants(caller.session_id))
+                visible = set(await self.orchestrator.descendants(caller.session_id))
         return types.ListResourcesResult(resources=await self.list_resources(visible))
 
     async def list_resources(self, visible: set[str] | None = None) -> list[types.Resource]:
         """Static resources and the live sessions' ones; `visible` limits the sessions shown."""
         resources = await super().list_resources()
-        for session in await self.orchestrator.db.list_sessions(LIVE_STATUSES):
+        for session in await self.orchestrator.live_sessions():
             if visible is not None and session.id not in visible:
                 continue
             resources.append(
@@ -90,25 +86,21 @@ def register_resources(
         caller = await identity.caller(request.headers.get("authorization", ""))
         if caller is None:
             raise NotFoundError("authorization: the bearer token is no longer valid")
-        await orchestrator.lineage.check_reach(caller, session_id)
+        await orchestrator.check_reach(caller, session_id)
 
     async def transcript(session_id: str, ctx: Context[Any, Any]) -> str:
         try:
             await reach(ctx, session_id)
-            session = await orchestrator.db.get_session(session_id)
+            return await orchestrator.transcript(session_id)
         except NotFoundError as exc:
             raise ResourceError(str(exc)) from exc
-        events = await orchestrator.db.read_events(session_id, limit=MAX_EVENTS_IN_RESOURCE)
-        return render_transcript(session, events)
 
     async def events(session_id: str, ctx: Context[Any, Any]) -> str:
         try:
             await reach(ctx, session_id)
-            await orchestrator.db.get_session(session_id)
+            return await orchestrator.events_document(session_id)
         except NotFoundError as exc:
             raise ResourceError(str(exc)) from exc
-        records = await orchestrator.db.read_events(session_id, limit=MAX_EVENTS_IN_RESOURCE)
-        return json.dumps([record.model_dump() for record in records], ensure_ascii=False)
 
     server.resource(
         TRANSCRIPT_TEMPLATE,
@@ -155,7 +147,7 @@ class ResourceNotifier:
         return types.EmptyResult()
 
     async def run(self, orchestrator: Orchestrator) -> None:
-        changes = orchestrator.bus.subscribe()
+        changes = orchestrator.subscribe()
         async with changes:
             async for change in changes:
                 for template in (TRANSCRIPT_TEMPLATE, EVENTS_TEMPLATE):

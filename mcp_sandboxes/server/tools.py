@@ -16,9 +16,9 @@ from mcp_sandboxes.errors import ConflictError, NotFoundError
 from mcp_sandboxes.orchestrator import Orchestrator
 from mcp_sandboxes.orchestrator.core import PROGRESS_INTERVAL_S, turn_view
 from mcp_sandboxes.orchestrator.environments import EnvironmentRequest
-from mcp_sandboxes.orchestrator.subagents import current_caller
 from mcp_sandboxes.orchestrator.views import EnvironmentView, EventsPage, SessionView
 from mcp_sandboxes.providers.base import ResourceLimits
+from mcp_sandboxes.server.auth import current_caller
 from mcp_sandboxes.server.permissions import (
     ApproveToolUseInput,
     OperatorChannel,
@@ -100,7 +100,7 @@ def register_tools(server: MCPServer[Any], orchestrator: Orchestrator, call_scop
     settings = orchestrator.settings.server
 
     async def reachable(session_id: str) -> str:
-        await orchestrator.lineage.check_reach(current_caller.get(), session_id)
+        await orchestrator.check_reach(current_caller.get(), session_id)
         return session_id
 
     def capped(timeout_s: float) -> float:
@@ -243,7 +243,7 @@ def register_tools(server: MCPServer[Any], orchestrator: Orchestrator, call_scop
         sessions = await orchestrator.list_sessions(request.status)
         caller = current_caller.get()
         if caller.session_id is not None:
-            mine = set(await orchestrator.lineage.descendants(caller.session_id))
+            mine = set(await orchestrator.descendants(caller.session_id))
             sessions = [session for session in sessions if session.session_id in mine]
         return SessionList(sessions=sessions)
 
