@@ -106,6 +106,18 @@ class PermissionSettings(BaseModel):
     )
 
 
+class BudgetSettings(BaseModel):
+    """Caps over a tree of agents (a top-level session and all its sub-agents); 0: no cap."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_live_sessions: int = Field(default=32, ge=0, description="Live sessions at once in one tree.")
+    max_turns: int = Field(default=0, ge=0, description="Turns in all, over the tree's sessions.")
+    max_tokens: int = Field(default=0, ge=0, description="Input plus output tokens the tree's backends reported.")
+    max_cost_usd: float = Field(default=0, ge=0, description="Cost the tree's backends reported, in USD.")
+    max_wall_s: float = Field(default=0, ge=0, description="Seconds since the tree's top session was spawned.")
+
+
 class BackendSettings(BaseModel):
     """Per-backend settings; the backend module reads what applies to it."""
 
@@ -125,6 +137,7 @@ class Settings(BaseModel):
     server: ServerSettings = Field(default_factory=ServerSettings)
     subagents: SubagentSettings = Field(default_factory=SubagentSettings)
     permissions: PermissionSettings = Field(default_factory=PermissionSettings)
+    budgets: BudgetSettings = Field(default_factory=BudgetSettings)
     providers: dict[str, dict[str, Any]] = Field(default_factory=dict)
     backends: dict[str, BackendSettings] = Field(default_factory=dict)
 

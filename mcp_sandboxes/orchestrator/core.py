@@ -27,6 +27,7 @@ from mcp_sandboxes.config import Settings
 from mcp_sandboxes.errors import ConflictError, McpSandboxesError
 from mcp_sandboxes.events import ErrorInfo, SessionError, SessionStatusIdle, StopReason
 from mcp_sandboxes.orchestrator.access import AgentAccess
+from mcp_sandboxes.orchestrator.budgets import TreeBudgets
 from mcp_sandboxes.orchestrator.bus import EventBus, SessionChanged
 from mcp_sandboxes.orchestrator.environments import EnvironmentRequest, EnvironmentService
 from mcp_sandboxes.orchestrator.journal import EventJournal
@@ -76,7 +77,8 @@ class Orchestrator:
             turn_timeout_s=turn_timeout_s,
             secret_values=self.secret_values,
         )
-        self.reads = SessionReads(self.db, self.bus, self.permissions, settings.server.max_wait_s)
+        self.budgets = TreeBudgets(self.db, self.lineage, self.journal, settings.budgets)
+        self.reads = SessionReads(self.db, self.bus, self.permissions, settings.server.max_wait_s, self.budgets)
         self.sessions = SessionService(
             settings,
             self._environ,
@@ -88,6 +90,7 @@ class Orchestrator:
             lineage=self.lineage,
             workers=self.workers,
             reads=self.reads,
+            budgets=self.budgets,
             secret_values=self.secret_values,
         )
 

@@ -9,10 +9,11 @@ from typing import Literal
 
 import anyio
 
+from mcp_sandboxes.orchestrator.budgets import TreeBudgets
 from mcp_sandboxes.orchestrator.bus import EventBus
 from mcp_sandboxes.orchestrator.permissions import PermissionBroker
 from mcp_sandboxes.orchestrator.transcript import render_transcript
-from mcp_sandboxes.orchestrator.views import EventsPage, EventView, PermissionView, SessionView, TurnView
+from mcp_sandboxes.orchestrator.views import EventsPage, EventView, PermissionView, SessionView, SubtreeView, TurnView
 from mcp_sandboxes.store import Database, SessionRecord
 from mcp_sandboxes.store.records import LIVE_STATUSES, SessionStatus, TurnRecord
 
@@ -26,7 +27,15 @@ MAX_EVENTS_IN_DOCUMENT = 10_000
 
 
 class SessionReads:
-    def __init__(self, db: Database, bus: EventBus, permissions: PermissionBroker, max_wait_s: float) -> None:
+    def __init__(
+        self,
+        db: Database,
+        bus: EventBus,
+        permissions: PermissionBroker,
+        max_wait_s: float,
+        budgets: TreeBudgets | None = None,
+    ) -> None:
+        self._budgets = budgets
         self._db = db
         self._bus = bus
         self._permissions = permissions
@@ -38,7 +47,15 @@ class SessionReads:
         env = await self._db.find_environment(session.environment_id)
         finished = [t for t in turns if t.status not in ("queued", "running")]
         last = finished[-1] if finished else None
+        subtree: SubtreeView | None = None
+        if self._budgets is not None:
+            below = await self._budgets.usage_below(session_id)
+            if len(below.sessions) > 1:
+                subtree = SubtreeView(
+                    sessions=len(below.sessions), live_sessions=below.live, turns=below.turns, usage=below.usage
+                )
         return SessionView(
+            subtree=subtree,
             session_id=session.id,
             environment_id=session.environment_id,
             environment_name=env.name if env else None,

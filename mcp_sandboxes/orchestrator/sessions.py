@@ -22,6 +22,7 @@ from mcp_sandboxes.events import (
     UserInterrupt,
 )
 from mcp_sandboxes.orchestrator.access import AgentAccess
+from mcp_sandboxes.orchestrator.budgets import TreeBudgets
 from mcp_sandboxes.orchestrator.environments import EnvironmentService
 from mcp_sandboxes.orchestrator.journal import EventJournal
 from mcp_sandboxes.orchestrator.providers import ProviderPool
@@ -69,8 +70,10 @@ class SessionService:
         lineage: Lineage,
         workers: WorkerPool,
         reads: SessionReads,
+        budgets: TreeBudgets,
         secret_values: Callable[[], list[str]],
     ) -> None:
+        self._budgets = budgets
         self._settings = settings
         self._environ = environ
         self._db = db
@@ -102,6 +105,8 @@ class SessionService:
         this server's tools (a token of its own) to spawn children."""
         if not prompt.strip():
             raise InvalidInputError("prompt", "is empty; say what the agent should do")
+        if parent_session_id is not None:
+            await self._budgets.check(parent_session_id, new_session=True, field="spawn_agent")
         env = await self._environments.get(environment)
         backend = self.backend(agent.backend)
         self._environments.check_network(env.spec.network)
@@ -267,6 +272,7 @@ class SessionService:
             raise ConflictError(
                 f"session_id: session {session_id} failed: {worker.removed}. Spawn a new agent with spawn_agent"
             )
+        await self._budgets.check(session_id, new_session=False, field="send_message")
         turn = await self._db.enqueue_turn(session_id, text)
         worker.wake.set()
         return await self._reads.get_session(session_id), turn.idx

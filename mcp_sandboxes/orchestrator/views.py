@@ -50,6 +50,15 @@ class PermissionView(BaseModel):
     tool_input: dict[str, Any]
 
 
+class SubtreeView(BaseModel):
+    """A session and every sub-agent below it, rolled up."""
+
+    sessions: int
+    live_sessions: int
+    turns: int
+    usage: Usage
+
+
 class SessionView(BaseModel):
     session_id: str
     environment_id: str
@@ -69,6 +78,9 @@ class SessionView(BaseModel):
     created_at: str
     updated_at: str
     last_turn: TurnView | None = None
+    subtree: SubtreeView | None = Field(
+        default=None, description="Usage and counts over this session and its sub-agents (when it has any)."
+    )
     pending_permissions: list[PermissionView] = Field(
         default_factory=list, description="Tool calls waiting for a decision: answer with resolve_permission."
     )
