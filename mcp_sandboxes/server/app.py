@@ -21,6 +21,7 @@ from mcp_sandboxes.server.auth import (
     CallerIdentity,
     load_or_create_operator_token,
 )
+from mcp_sandboxes.server.prompts import register_prompts
 from mcp_sandboxes.server.resources import ResourceNotifier, SandboxesMCPServer, register_resources
 from mcp_sandboxes.server.tools import register_tools
 from mcp_sandboxes.server.web import SHUTDOWN_GRACE_S, WebBesideMcp, web_app
@@ -49,6 +50,7 @@ def build_server(
     server.identity = identity
     register_tools(server, orchestrator, identity.call_scope if identity is not None else None)
     register_resources(server, orchestrator, identity)
+    register_prompts(server, orchestrator, identity)
     notifier = ResourceNotifier(server, bus)
     return server, notifier
 

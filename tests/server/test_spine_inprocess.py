@@ -13,7 +13,7 @@ from typing import Any
 
 import anyio
 from mcp import Client
-from mcp_types import CallToolResult, TextContent
+from mcp_types import CallToolResult, PromptReference, ResourceTemplateReference, TextContent
 
 from mcp_sandboxes.server.app import build_server
 from tests.orchestrator.spine import TURN_BUDGET_S, answer_field, orchestrator_of, process_alive, spine_settings, texts
@@ -134,4 +134,29 @@ async def test_interrupt_session_ends_a_long_turn_and_errors_reach_the_caller_by
         assert not process_alive(pid)
         nothing = await mcp.error("interrupt_session", session_id=sid)
         assert "session_id" in nothing and "nothing to interrupt" in nothing
+        await mcp.call("stop_session", session_id=sid)
+
+
+async def test_prompts_and_completions_help_a_client_orchestrate(tmp_path: Path) -> None:
+    async with in_process_server(tmp_path) as mcp:
+        await mcp.call("create_environment", name="alpha", provider="process", image="host")
+        await mcp.call("create_environment", name="beta", provider="process", image="host")
+        first = await mcp.call("spawn_agent", environment="alpha", backend="custom", prompt="x", wait=True)
+        sid = first["session"]["session_id"]
+
+        prompts = {prompt.name for prompt in (await mcp.client.list_prompts()).prompts}
+        assert {"delegate", "fan_out"} <= prompts
+        fan = await mcp.client.get_prompt("fan_out", {"task": "port the tests", "count": "4", "environment": "alpha"})
+        text = fan.messages[0].content
+        assert isinstance(text, TextContent) and "4 coding sub-agents" in text.text and "wait_for" in text.text
+
+        envs = await mcp.client.complete(
+            PromptReference(type="ref/prompt", name="delegate"), {"name": "environment", "value": "al"}
+        )
+        assert envs.completion.values == ["alpha"]
+        ids = await mcp.client.complete(
+            ResourceTemplateReference(type="ref/resource", uri="sandboxes://sessions/{session_id}/transcript"),
+            {"name": "session_id", "value": "ses_"},
+        )
+        assert ids.completion.values == [sid]
         await mcp.call("stop_session", session_id=sid)
