@@ -88,6 +88,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         except McpSandboxesError as exc:
             sys.stderr.write(f"mcp-sandboxes: {exc}\n")
             return 1
+        except BaseExceptionGroup as group:
+            # An error from a task (a listener, the store) arrives wrapped; say it plainly.
+            if group.split(KeyboardInterrupt)[0] is not None:
+                return 130
+            matched, _ = group.split(McpSandboxesError)
+            if matched is None:
+                raise
+            for error in _leaves(matched):
+                sys.stderr.write(f"mcp-sandboxes: {error}\n")
+            return 1
         return 0
     if args.command == "token":
         from mcp_sandboxes.server.auth import load_or_create_operator_token
@@ -108,6 +118,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout.write(json.dumps(report.model_dump(), indent=2) + "\n" if args.json else format_report(report))
         return 0 if report.ok else 1
     return 2
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    found: list[BaseException] = []
+    for exc in group.exceptions:
+        found.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return found
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import sys
 from typing import Literal
 
 import anyio
@@ -71,6 +72,13 @@ async def serve(
 
     The web view (server/web.py) is served beside /mcp over HTTP; over stdio, on 127.0.0.1:`web_port`
     when one is given (behind the operator token all the same)."""
+    # Ports are taken first, so a busy one is reported before anything starts.
+    operator_listener = _bind(host, port, field="--port") if transport == "http" else None
+    agents_listener = (
+        _bind("127.0.0.1", settings.subagents.port, field="subagents.port")
+        if settings.subagents.max_depth > 0
+        else None
+    )
     async with Orchestrator(settings).running() as orchestrator, anyio.create_task_group() as task_group:
         operator_token = auth_token
         wants_token = transport == "http" or web_port is not None
@@ -90,17 +98,60 @@ async def serve(
         identity = CallerIdentity(orchestrator.lineage, operator_token)
         server, notifier = build_server(orchestrator, identity)
         task_group.start_soon(notifier.run, orchestrator)
-        if settings.subagents.max_depth > 0:
-            url = await task_group.start(_serve_agents_listener, server, identity, settings.subagents.port)
+        # Set when the operator's side ends (stdin closed, or the HTTP server stopped): the other
+        # listeners then shut down gracefully instead of being cancelled mid-request.
+        stopping = anyio.Event()
+        agents_done = anyio.Event()
+        if agents_listener is not None:
+            url = await task_group.start(
+                _serve_agents_listener, server, identity, agents_listener, stopping, agents_done
+            )
             orchestrator.subagent_url = settings.subagents.url or url
+        else:
+            agents_done.set()
         web = web_app(orchestrator, operator_token)
         if transport == "stdio":
             if web_port is not None:
                 task_group.start_soon(_serve_web, web, web_port)
             await server.run_stdio_async()
-        else:
-            await _serve_http(server, host=host, port=port, admit=identity.admit_operator_only, web=web)
+        elif operator_listener is not None:
+            bound = operator_listener.getsockname()[1]
+            sys.stderr.write(f"mcp-sandboxes: listening on http://{_url_host(host)}:{bound}/mcp\n")
+            with operator_listener:
+                await _serve_http(
+                    server,
+                    host=host,
+                    port=port,
+                    admit=identity.admit_operator_only,
+                    web=web,
+                    sockets=[operator_listener],
+                )
+        stopping.set()
+        with anyio.move_on_after(SHUTDOWN_GRACE_S + 1):
+            await agents_done.wait()
         task_group.cancel_scope.cancel()
+
+
+def _url_host(host: str) -> str:
+    if host in ("0.0.0.0", ""):
+        return "127.0.0.1"
+    return f"[{host}]" if ":" in host else host
+
+
+def _bind(host: str, port: int, *, field: str) -> socket.socket:
+    """A listening socket on host:port, or an error that says what to do (not a traceback)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listener.bind((host, port))
+    except OSError as exc:
+        listener.close()
+        raise McpSandboxesError(
+            f"{field}: cannot listen on {host}:{port} ({exc.strerror}); pick a free port, or stop what uses it"
+        ) from exc
+    listener.listen(AGENT_LISTENER_BACKLOG)
+    return listener
 
 
 async def _serve_http(
@@ -111,8 +162,10 @@ async def _serve_http(
     admit: Admission,
     sockets: list[socket.socket] | None = None,
     web: ASGIApp | None = None,
+    stopping: anyio.Event | None = None,
 ) -> None:
-    """`web`: the web view, served beside /mcp (the operator's endpoint only)."""
+    """`web`: the web view, served beside /mcp (the operator's endpoint only). `stopping`: once
+    set, the server shuts down gracefully (rather than being cancelled mid-request)."""
     import uvicorn
 
     app: ASGIApp = BearerTokenMiddleware(server.streamable_http_app(host=host), admit)
@@ -122,7 +175,19 @@ async def _serve_http(
     config = uvicorn.Config(
         app, host=host, port=port, log_level="warning", lifespan="on", timeout_graceful_shutdown=SHUTDOWN_GRACE_S
     )
-    await uvicorn.Server(config).serve(sockets=sockets)
+    http_server = uvicorn.Server(config)
+    if stopping is None:
+        await http_server.serve(sockets=sockets)
+        return
+    async with anyio.create_task_group() as task_group:
+
+        async def stop_when_told() -> None:
+            await stopping.wait()
+            http_server.should_exit = True
+
+        task_group.start_soon(stop_when_told)
+        await http_server.serve(sockets=sockets)
+        task_group.cancel_scope.cancel()
 
 
 async def _serve_web(web: ASGIApp, port: int) -> None:
@@ -144,24 +209,27 @@ async def _serve_web(web: ASGIApp, port: int) -> None:
 async def _serve_agents_listener(
     server: SandboxesMCPServer,
     identity: CallerIdentity,
-    port: int = 0,
+    listener: socket.socket,
+    stopping: anyio.Event | None = None,
+    done: anyio.Event | None = None,
     *,
     task_status: anyio.abc.TaskStatus[str] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Sandboxed agents call back on a loopback listener of their own (`port`, 0 for a free
-    one) that admits sub-agent tokens and nothing else."""
-    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        listener.bind(("127.0.0.1", port))
-    except OSError as exc:
-        listener.close()
-        raise McpSandboxesError(
-            f"subagents.port: cannot listen on 127.0.0.1:{port} ({exc.strerror}); pick a free port or 0"
-        ) from exc
-    listener.listen(AGENT_LISTENER_BACKLOG)
+    """Sandboxed agents call back on a loopback listener of their own (bound by the caller: a
+    fixed port or a free one) that admits sub-agent tokens and nothing else."""
     port = listener.getsockname()[1]
     logger.info("sub-agents call back on http://127.0.0.1:%d/mcp", port)
     task_status.started(f"http://127.0.0.1:{port}/mcp")
-    with listener:
-        await _serve_http(server, host="127.0.0.1", port=port, admit=identity.admit_agents_only, sockets=[listener])
+    try:
+        with listener:
+            await _serve_http(
+                server,
+                host="127.0.0.1",
+                port=port,
+                admit=identity.admit_agents_only,
+                sockets=[listener],
+                stopping=stopping,
+            )
+    finally:
+        if done is not None:
+            done.set()
