@@ -115,7 +115,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from mcp_sandboxes.doctor import diagnose, format_report
 
         report = anyio.run(diagnose, settings, args.images)
-        sys.stdout.write(json.dumps(report.model_dump(), indent=2) + "\n" if args.json else format_report(report))
+        document = {**report.model_dump(), "problems": report.problems}
+        sys.stdout.write(json.dumps(document, indent=2) + "\n" if args.json else format_report(report))
         return 0 if report.ok else 1
     return 2
 

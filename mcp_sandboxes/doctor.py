@@ -37,10 +37,27 @@ class DoctorReport(BaseModel):
     providers: list[Availability]
     backends: list[BackendReport]
     images: list[ImageReport] = []
+    default_provider: str = Field(default="docker", description="server.default_provider.")
+    configured_backends: list[str] = Field(
+        default_factory=list, description="Backends the config points at a CLI for (cli_path set)."
+    )
+
+    @property
+    def problems(self) -> list[str]:
+        """What stops the server working as configured (doctor exits non-zero on any)."""
+        found: list[str] = []
+        default = next((p for p in self.providers if p.provider == self.default_provider), None)
+        if default is None or not default.available:
+            reason = default.reason if default is not None else "it is not a provider this server knows"
+            found.append(f"the default provider {self.default_provider!r} cannot work: {reason}")
+        for backend in self.backends:
+            if backend.backend in self.configured_backends and not backend.usable:
+                found.append(f"backend {backend.backend!r} is configured but cannot work: {backend.detail}")
+        return found
 
     @property
     def ok(self) -> bool:
-        return any(p.available for p in self.providers)
+        return not self.problems
 
 
 async def _check_provider(name: str, settings: Settings) -> Availability:
@@ -120,7 +137,14 @@ async def diagnose(settings: Settings, images: list[str] | None = None) -> Docto
     default_ok = any(p.provider == settings.server.default_provider and p.available for p in providers)
     clis = {b.backend: b.executable for b in backends if b.executable}
     image_reports = [await _check_image(image, settings, clis) for image in images] if default_ok else []
-    return DoctorReport(providers=providers, backends=backends, images=image_reports)
+    configured = [name for name in backend_names() if settings.backend(name).cli_path]
+    return DoctorReport(
+        providers=providers,
+        backends=backends,
+        images=image_reports,
+        default_provider=settings.server.default_provider,
+        configured_backends=configured,
+    )
 
 
 def format_report(report: DoctorReport) -> str:
@@ -146,4 +170,7 @@ def format_report(report: DoctorReport) -> str:
             continue
         found = ", ".join(f"{b}={'yes' if ok else 'no'}" for b, ok in image.cli_found.items())
         lines.append(f"  {image.image} ({image.provider}): {found}")
+    if report.problems:
+        lines.append("Problems:")
+        lines.extend(f"  {problem}" for problem in report.problems)
     return "\n".join(lines) + "\n"

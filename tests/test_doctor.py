@@ -54,7 +54,8 @@ def test_doctor_is_satisfied_by_one_api_key_and_names_an_unreachable_engine() ->
     assert docker["available"] is False and "dockerd" in (docker["reason"] or "") + (docker["fix"] or "")
     # The default provider is down, so no image could be looked into.
     assert report["images"] == []
-    assert code == 0  # other providers (bubblewrap) still work here
+    # Other providers (bubblewrap) still work here, but the configured default does not: that fails.
+    assert code == 1 and any("default provider 'docker' cannot work" in p for p in report["problems"])
 
 
 def test_doctor_probes_every_registered_backends_executable_a_custom_one_as_an_argument() -> None:
@@ -80,3 +81,13 @@ def test_doctor_probes_every_registered_backends_executable_a_custom_one_as_an_a
     assert custom["executable"] == "sh; echo claude; echo sh #"
     (image,) = report["images"]
     assert image["cli_found"]["custom"] is False and image["cli_found"]["claude"] is False
+
+
+def test_doctor_exits_non_zero_when_the_default_provider_or_a_configured_backend_cannot_work(tmp_path: Any) -> None:
+    code, report = run_doctor("--image", BASE_IMAGE, env={"MCP_SANDBOXES_DEFAULT_PROVIDER": "apple"})
+    assert code == 1
+    assert any("default provider 'apple' cannot work" in problem for problem in report["problems"])
+    missing = str(tmp_path / "no-such-claude")
+    code, report = run_doctor("--image", BASE_IMAGE, env={"MCP_SANDBOXES_BACKENDS__CLAUDE__CLI_PATH": missing})
+    assert code == 1
+    assert any("backend 'claude' is configured but cannot work" in problem for problem in report["problems"])
