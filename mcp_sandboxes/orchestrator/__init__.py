@@ -5,6 +5,7 @@ The public surface is `__all__` (tests/test_public_surface.py keeps other rooms 
 from mcp_sandboxes.orchestrator.core import PROGRESS_INTERVAL_S, Orchestrator, turn_view
 from mcp_sandboxes.orchestrator.environments import EnvironmentRequest
 from mcp_sandboxes.orchestrator.permissions import Decision, PermissionRequest
+from mcp_sandboxes.orchestrator.providers import provider_names
 from mcp_sandboxes.orchestrator.subagents import OPERATOR, Caller, Lineage
 from mcp_sandboxes.orchestrator.transcript import render_transcript
 from mcp_sandboxes.orchestrator.views import EnvironmentView, EventsPage, SessionView
@@ -21,6 +22,7 @@ __all__ = [
     "Orchestrator",
     "PermissionRequest",
     "SessionView",
+    "provider_names",
     "render_transcript",
     "turn_view",
 ]

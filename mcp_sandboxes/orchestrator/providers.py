@@ -9,7 +9,7 @@ import anyio
 
 from mcp_sandboxes.config import Settings
 from mcp_sandboxes.providers.base import Availability, Provider, SandboxSpec
-from mcp_sandboxes.providers.registry import build_provider
+from mcp_sandboxes.providers.registry import build_provider, provider_names
 
 AVAILABILITY_TTL_S = 10.0
 CHECK_TIMEOUT_S = 10.0
@@ -66,3 +66,6 @@ class ProviderPool:
                 with anyio.move_on_after(CHECK_TIMEOUT_S):
                     await provider.aclose()
         self._providers.clear()
+
+
+__all__ = ["STATE_DIR_PROVIDERS", "ProviderPool", "provider_names"]

@@ -10,6 +10,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validat
 
 from mcp_sandboxes.backends import describe_backends
 from mcp_sandboxes.events import EVENT_TYPES, Usage
+from mcp_sandboxes.orchestrator import provider_names
 from mcp_sandboxes.orchestrator.views import EnvironmentView, SessionView
 from mcp_sandboxes.providers.base import ResourceLimits
 from mcp_sandboxes.store.records import SessionStatus
@@ -134,7 +135,10 @@ class _Input(BaseModel):
 
 class CreateEnvironmentInput(_Input):
     name: EnvironmentName = Field(description="Unique name, e.g. 'py-project'. 1-63 letters, digits, '.', '_' or '-'.")
-    provider: Word | None = Field(default=None, description="Sandbox provider, e.g. 'docker'. Default from config.")
+    provider: Word | None = Field(
+        default=None,
+        description=f"Sandbox provider, one of: {', '.join(provider_names())}. Default from config (docker).",
+    )
     image: Image | None = Field(default=None, description="Image to run, e.g. 'mcp-sandboxes/base:latest'.")
     env: dict[EnvKey, EnvValue] = Field(
         default_factory=dict,

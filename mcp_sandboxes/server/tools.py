@@ -45,6 +45,8 @@ from mcp_sandboxes.server.summaries import summarize
 
 READ_ONLY = ToolAnnotations(read_only_hint=True, destructive_hint=False, idempotent_hint=True, open_world_hint=False)
 CREATES = ToolAnnotations(read_only_hint=False, destructive_hint=False, idempotent_hint=False, open_world_hint=False)
+# Starts or drives an agent that may reach its model API and, on the host network, beyond.
+RUNS_AGENT = ToolAnnotations(read_only_hint=False, destructive_hint=False, idempotent_hint=False, open_world_hint=True)
 DESTROYS = ToolAnnotations(read_only_hint=False, destructive_hint=True, idempotent_hint=True, open_world_hint=False)
 
 
@@ -289,7 +291,7 @@ def register_tools(server: MCPServer[Any], orchestrator: Orchestrator, call_scop
             SpawnAgentInput,
             TurnOutcome,
             spawn_agent,
-            CREATES,
+            RUNS_AGENT,
         ),
         (
             "send_message",
@@ -297,7 +299,7 @@ def register_tools(server: MCPServer[Any], orchestrator: Orchestrator, call_scop
             SendMessageInput,
             TurnOutcome,
             send_message,
-            CREATES,
+            RUNS_AGENT,
         ),
         (
             "resolve_permission",
