@@ -2,6 +2,9 @@
 surface, its `__all__`; the other rooms use nothing else of it. A name a room needs from another
 is added to that room's `__all__` on purpose, not reached for in passing.
 
+The ground floor (events.py, specs.py, errors.py, redaction.py) sits under every room: any room
+imports it freely, and it imports no module of the package but the ground floor's own.
+
 Scanned: every module of mcp_sandboxes (the rooms and the top-level modules such as cli.py and
 doctor.py), with `ast`, imports inside functions included. Not scanned: tests, bench and
 examples, which may reach into a room to test or measure it."""
@@ -20,6 +23,9 @@ from tests.conftest import ROOT
 
 PACKAGE = "mcp_sandboxes"
 ROOMS = ("orchestrator", "server", "store", "providers", "backends")
+# The ground floor: modules every room may import (the shared vocabulary: events, specs, errors),
+# because they import no room themselves, so an import of one never drags a room along.
+GROUND_FLOOR = ("errors", "events", "redaction", "specs")
 
 
 @dataclass(frozen=True)
@@ -121,3 +127,50 @@ def test_the_scan_catches_reaching_past_a_surface(surfaces: dict[str, set[str]])
         ("store", "import mcp_sandboxes.store.database"),
     ]
     assert "x.py:5" in str(found[0])
+
+
+def package_imports(source: str) -> list[str]:
+    """The modules of mcp_sandboxes that `source` imports, imports inside functions included."""
+    found: list[str] = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.append(node.module)
+        elif isinstance(node, ast.Import):
+            found.extend(alias.name for alias in node.names)
+    return [name for name in found if name == PACKAGE or name.startswith(f"{PACKAGE}.")]
+
+
+@pytest.mark.parametrize("module", GROUND_FLOOR)
+def test_the_ground_floor_imports_nothing_of_the_package_above_it(module: str) -> None:
+    path = ROOT / PACKAGE / f"{module}.py"
+    floor = {f"{PACKAGE}.{name}" for name in GROUND_FLOOR}
+    upward = [name for name in package_imports(path.read_text("utf-8")) if name not in floor]
+    assert not upward, f"mcp_sandboxes.{module} is ground floor and must import no room or top-level module: {upward}"
+
+
+def test_the_shared_specs_are_defined_on_the_ground_floor_and_the_rooms_hand_on_the_same_classes() -> None:
+    import mcp_sandboxes.backends as backends
+    import mcp_sandboxes.providers as providers
+    import mcp_sandboxes.specs as specs
+
+    for name in ("SandboxSpec", "Mount", "ResourceLimits", "AgentSpec"):
+        assert getattr(specs, name).__module__ == "mcp_sandboxes.specs", name
+    for name in ("SandboxSpec", "Mount", "ResourceLimits", "NetworkMode"):
+        assert getattr(providers, name) is getattr(specs, name), name
+    assert backends.AgentSpec is specs.AgentSpec
+
+
+def test_store_and_server_take_the_shared_specs_from_the_ground_floor() -> None:
+    """store/ and server/ hold specs (sessions, environments) but need no backend or provider to
+    do so: where they import a spec name, it comes from mcp_sandboxes.specs."""
+    spec_names = {"AgentSpec", "SandboxSpec", "Mount", "ResourceLimits", "NetworkMode"}
+    found: list[str] = []
+    for path, room in package_modules():
+        if room not in ("store", "server", "backends"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text("utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module and room_of(node.module) in ("providers", "backends"):
+                names = {alias.name for alias in node.names} & spec_names
+                if names and room_of(node.module) != room:
+                    found.append(f"{path.relative_to(ROOT)}:{node.lineno}: {sorted(names)} from {node.module}")
+    assert not found, "import these from mcp_sandboxes.specs:\n" + "\n".join(found)

@@ -20,7 +20,7 @@ from typing import Any
 
 from mcp_sandboxes.errors import InvalidInputError
 from mcp_sandboxes.events import AgentRaw, ErrorInfo, Event, SessionError
-from mcp_sandboxes.providers.base import Mount
+from mcp_sandboxes.specs import Mount
 
 # The end of a failed run's stderr kept in its error message, in characters.
 MAX_ERROR_TAIL = 2000

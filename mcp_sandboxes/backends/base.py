@@ -7,13 +7,15 @@ their CLI and nothing about where it runs.
 
 from __future__ import annotations
 
-from typing import Any, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from mcp_sandboxes.errors import InvalidInputError
 from mcp_sandboxes.events import Event, StopReasonType, Usage
-from mcp_sandboxes.providers.base import Mount, Sandbox
+from mcp_sandboxes.providers.base import Sandbox
+from mcp_sandboxes.specs import AgentSpec as AgentSpec
+from mcp_sandboxes.specs import Mount
 
 
 def argument(field: str, value: str) -> str:
@@ -25,26 +27,6 @@ def argument(field: str, value: str) -> str:
             field, "must not start with '-' or contain NUL: it is passed as a command-line argument"
         )
     return value
-
-
-class AgentSpec(BaseModel):
-    """What the caller asked for when spawning an agent; fixed for the session's life."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    backend: str
-    model: str | None = None
-    system_prompt: str | None = None
-    allowed_tools: list[str] | None = None
-    permission_mode: str | None = None
-    max_turns: int | None = None
-    extra_args: list[str] = Field(default_factory=list)
-    mcp_servers: dict[str, Any] = Field(
-        default_factory=dict, description="MCP servers for the agent, in the `mcpServers` JSON shape."
-    )
-    permission_prompt_tool: str | None = Field(
-        default=None, description="An MCP tool (mcp__server__tool) the CLI asks before a tool call its mode asks about."
-    )
 
 
 class Turn(BaseModel):

@@ -36,7 +36,8 @@ from mcp_sandboxes.events import (
     TextBlock,
     Usage,
 )
-from mcp_sandboxes.providers.base import Mount, Sandbox
+from mcp_sandboxes.providers.base import Sandbox
+from mcp_sandboxes.specs import Mount
 
 NAME = "claude"
 CLI_TARGET = "/usr/local/bin/claude"

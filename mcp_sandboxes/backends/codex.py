@@ -52,7 +52,8 @@ from mcp_sandboxes.events import (
     TextBlock,
     Usage,
 )
-from mcp_sandboxes.providers.base import Mount, Sandbox
+from mcp_sandboxes.providers.base import Sandbox
+from mcp_sandboxes.specs import Mount
 
 NAME = "codex"
 # Where a host codex (cli_path) is mounted: its platform directory, so the binary keeps its

@@ -64,7 +64,8 @@ from mcp_sandboxes.events import (
     Usage,
     parse_event,
 )
-from mcp_sandboxes.providers.base import Mount, Sandbox
+from mcp_sandboxes.providers.base import Sandbox
+from mcp_sandboxes.specs import Mount
 
 NAME = "custom"
 MCP_CONFIG_PATH = ".mcp-sandboxes/custom-mcp.json"

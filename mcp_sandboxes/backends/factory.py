@@ -45,7 +45,8 @@ from mcp_sandboxes.events import (
     TextBlock,
     Usage,
 )
-from mcp_sandboxes.providers.base import Mount, Sandbox
+from mcp_sandboxes.providers.base import Sandbox
+from mcp_sandboxes.specs import Mount
 
 NAME = "factory"
 CLI_TARGET = "/usr/local/bin/droid"

@@ -56,7 +56,8 @@ from mcp_sandboxes.events import (
     TextBlock,
     Usage,
 )
-from mcp_sandboxes.providers.base import Mount, Sandbox
+from mcp_sandboxes.providers.base import Sandbox
+from mcp_sandboxes.specs import Mount
 
 NAME = "gemini"
 # With `cli_path` set, the CLI's npm package directory (its bundle imports sibling files and

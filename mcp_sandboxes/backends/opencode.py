@@ -47,7 +47,8 @@ from mcp_sandboxes.events import (
     TextBlock,
     Usage,
 )
-from mcp_sandboxes.providers.base import Mount, Sandbox
+from mcp_sandboxes.providers.base import Sandbox
+from mcp_sandboxes.specs import Mount
 
 NAME = "opencode"
 CLI_TARGET = "/usr/local/bin/opencode"

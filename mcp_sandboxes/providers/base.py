@@ -12,7 +12,13 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Literal, Protocol, runtime_checkable
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel
+
+# The specs live on the ground floor (mcp_sandboxes.specs); re-exported for the providers.
+from mcp_sandboxes.specs import Mount as Mount
+from mcp_sandboxes.specs import NetworkMode as NetworkMode
+from mcp_sandboxes.specs import ResourceLimits as ResourceLimits
+from mcp_sandboxes.specs import SandboxSpec as SandboxSpec
 
 # Every sandbox we create carries this label (or the engine's equivalent), so
 # `list_owned` finds orphans after a crash and never touches anything else.
@@ -22,46 +28,6 @@ SANDBOX_NAME_LABEL = "io.mcp-sandboxes.name"
 DEFAULT_EXEC_TIMEOUT_S = 300.0
 DEFAULT_FILE_TIMEOUT_S = 60.0
 DEFAULT_CREATE_TIMEOUT_S = 120.0
-
-NetworkMode = Literal["none", "host"]
-
-
-class ResourceLimits(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    cpus: float | None = Field(default=None, gt=0, le=256, description="CPU cores, fractional allowed.")
-    memory_mb: int | None = Field(default=None, ge=16, le=1_048_576, description="Memory limit in MiB.")
-    pids: int | None = Field(default=None, ge=8, le=1_000_000, description="Maximum number of processes.")
-
-
-class Mount(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    source: str = Field(description="Absolute path on the host.")
-    target: str = Field(description="Absolute path inside the sandbox.")
-    read_only: bool = True
-
-
-class SandboxSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    image: str
-    name: str | None = None
-    env: dict[str, str] = Field(default_factory=dict)
-    workdir: str = "/workspace"
-    user: str | None = Field(default=None, description="User commands run as by default (name or uid).")
-    network: NetworkMode = "none"
-    limits: ResourceLimits = Field(default_factory=ResourceLimits)
-    mounts: list[Mount] = Field(default_factory=list)
-    labels: dict[str, str] = Field(default_factory=dict)
-    read_only_root: bool = Field(
-        default=False,
-        description="Read-only root filesystem; only the workdir, the user's HOME and /tmp stay writable.",
-    )
-    runtime: str | None = Field(
-        default=None,
-        description='OCI runtime for the sandbox, e.g. "runsc" (gVisor); None = the engine\'s default.',
-    )
 
 
 class Availability(BaseModel):

@@ -12,7 +12,7 @@ from mcp_sandboxes.backends import describe_backends
 from mcp_sandboxes.events import EVENT_TYPES, Usage
 from mcp_sandboxes.orchestrator import provider_names
 from mcp_sandboxes.orchestrator.views import EnvironmentView, SessionView
-from mcp_sandboxes.providers.base import ResourceLimits
+from mcp_sandboxes.specs import ResourceLimits
 from mcp_sandboxes.store.records import SessionStatus
 
 MAX_WAIT_S = 600.0

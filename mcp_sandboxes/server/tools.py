@@ -11,13 +11,11 @@ import anyio
 from mcp.server.mcpserver import MCPServer
 from mcp_types import CallToolResult, TextContent, ToolAnnotations
 
-from mcp_sandboxes.backends.base import AgentSpec
 from mcp_sandboxes.errors import ConflictError, NotFoundError
 from mcp_sandboxes.orchestrator import Orchestrator
 from mcp_sandboxes.orchestrator.core import PROGRESS_INTERVAL_S, turn_view
 from mcp_sandboxes.orchestrator.environments import EnvironmentRequest
 from mcp_sandboxes.orchestrator.views import EnvironmentView, EventsPage, SessionView
-from mcp_sandboxes.providers.base import ResourceLimits
 from mcp_sandboxes.server.auth import current_caller
 from mcp_sandboxes.server.permissions import (
     ApproveToolUseInput,
@@ -42,6 +40,7 @@ from mcp_sandboxes.server.schemas import (
     WaitForResult,
 )
 from mcp_sandboxes.server.summaries import summarize
+from mcp_sandboxes.specs import AgentSpec, ResourceLimits
 
 READ_ONLY = ToolAnnotations(read_only_hint=True, destructive_hint=False, idempotent_hint=True, open_world_hint=False)
 CREATES = ToolAnnotations(read_only_hint=False, destructive_hint=False, idempotent_hint=False, open_world_hint=False)

@@ -19,10 +19,9 @@ from typing import Any, Self
 import aiosqlite
 import anyio
 
-from mcp_sandboxes.backends.base import AgentSpec
 from mcp_sandboxes.errors import ConflictError, McpSandboxesError, NotFoundError
 from mcp_sandboxes.events import EVENT_ADAPTER, Event, Usage
-from mcp_sandboxes.providers.base import SandboxSpec
+from mcp_sandboxes.specs import AgentSpec, SandboxSpec
 from mcp_sandboxes.store.migrations import MIGRATIONS
 from mcp_sandboxes.store.records import (
     LIVE_STATUSES,

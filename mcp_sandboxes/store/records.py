@@ -6,9 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from mcp_sandboxes.backends.base import AgentSpec
 from mcp_sandboxes.events import Usage
-from mcp_sandboxes.providers.base import SandboxSpec
+from mcp_sandboxes.specs import AgentSpec, SandboxSpec
 
 SessionStatus = Literal["starting", "running", "idle", "stopped", "failed"]
 TurnStatus = Literal["queued", "running", "done", "failed", "interrupted"]
