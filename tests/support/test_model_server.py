@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from tests.conftest import ROOT
-from tests.support.model_server import ApiError, Reply, Script, ScriptedModelServer, ToolCall
+from tests.support.model_server import ApiError, ModelRequest, Reply, Script, ScriptedModelServer, ToolCall
 
 TIMEOUT = httpx.Timeout(10.0)
 TOOLS = [{"name": "Bash", "description": "run", "input_schema": {"type": "object"}}]
@@ -195,6 +195,28 @@ def test_tool_result_contains_picks_by_tool_output_string_or_blocks(server: Scri
     second = post(server, body([user("x"), tool_result("t2", [{"type": "text", "text": "boom!"}])]))
     assert assemble(sse_events(first))["content"][0]["text"] == "saw fine"
     assert assemble(sse_events(second))["content"][0]["text"] == "saw boom"
+
+
+def test_a_responder_rule_computes_its_reply_from_the_request(server: ScriptedModelServer) -> None:
+    """The next step of a conversation can depend on what a tool returned (ids, say)."""
+    seen: list[list[str]] = []
+
+    def echo(request: ModelRequest) -> Reply:
+        seen.append(request.tool_results)
+        return Reply(tool_calls=[ToolCall("Next", {"from": request.tool_results[0]})])
+
+    server.script.on(after_tool_result=True, reply=echo, times=None)
+    reply = assemble(sse_events(post(server, body([user("x"), tool_result("t1", "ses_1")]))))
+    assert reply["content"][0]["input"] == {"from": "ses_1"} and seen == [["ses_1"]]
+    assert server.model_requests[0].reply == Reply(tool_calls=[ToolCall("Next", {"from": "ses_1"})])
+
+
+def test_tool_search_results_read_as_the_names_they_loaded(server: ScriptedModelServer) -> None:
+    """Newer Claude Code answers ToolSearch with tool_reference blocks, not text."""
+    server.script.on(tool_result_contains="mcp__s__spawn", reply=Reply(text="loaded"))
+    loaded = [{"type": "tool_reference", "tool_name": "mcp__s__spawn"}]
+    reply = assemble(sse_events(post(server, body([user("x"), tool_result("t1", loaded)]))))
+    assert reply["content"][0]["text"] == "loaded"
 
 
 def test_queue_is_in_order_after_rules_then_the_fallback_names_the_miss(server: ScriptedModelServer) -> None:

@@ -7,6 +7,7 @@ from tests.support.model_server.core import (
     RecordedRequest,
     Recorder,
     Reply,
+    Responder,
     Script,
     ToolCall,
 )
@@ -19,6 +20,7 @@ __all__ = [
     "RecordedRequest",
     "Recorder",
     "Reply",
+    "Responder",
     "Script",
     "ScriptedModelServer",
     "ToolCall",

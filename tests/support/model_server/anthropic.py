@@ -65,6 +65,9 @@ def _text_of(content: Any) -> str:
                     parts.append(str(block.get("text", "")))
                 elif block.get("type") == "tool_result":
                     parts.append(_text_of(block.get("content", "")))
+                elif block.get("type") == "tool_reference":
+                    # ToolSearch's result in newer Claude Code: the tools it loaded, by name.
+                    parts.append(str(block.get("tool_name", "")))
         return "\n".join(parts)
     return ""
 

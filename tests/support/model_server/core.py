@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -77,9 +77,14 @@ class ModelRequest:
         return bool(self.tool_results)
 
 
+# A reply computed from the request, for conversations whose next step depends on what came
+# back (ids a tool returned, say). Rules only: the queue and the fallback are fixed replies.
+Responder = Callable[[ModelRequest], Reply]
+
+
 @dataclass
 class Rule:
-    reply: Reply
+    reply: Reply | Responder
     user_contains: str | None = None
     after_tool_result: bool | None = None
     tool_result_contains: str | None = None
@@ -116,7 +121,7 @@ class Script:
     def on(
         self,
         *,
-        reply: Reply,
+        reply: Reply | Responder,
         user_contains: str | None = None,
         after_tool_result: bool | None = None,
         tool_result_contains: str | None = None,
@@ -128,7 +133,7 @@ class Script:
         `user_contains` alone matches a fresh prompt (not the tool round trips after it);
         `after_tool_result=True` / `tool_result_contains` match the request that carries tool
         output back to the model. `times=None` keeps the rule forever (e.g. for API errors
-        that the CLI retries)."""
+        that the CLI retries). `reply` may be a function of the request (a `Responder`)."""
         rule = Rule(
             reply=reply,
             user_contains=user_contains,
@@ -152,7 +157,8 @@ class Script:
             for rule in self._rules:
                 if rule.matches(request):
                     rule.used += 1
-                    return rule.reply
+                    reply = rule.reply
+                    return reply if isinstance(reply, Reply) else reply(request)
             if self._queue:
                 return self._queue.pop(0)
             self.misses += 1
