@@ -30,6 +30,9 @@ URL_ENV = "MCP_SANDBOXES_URL"
 TOKEN_ENV = "MCP_SANDBOXES_AUTH_TOKEN"
 # Each long-poll of `logs -f` (a server answers as soon as an event arrives).
 FOLLOW_WAIT_S = 30.0
+TERMINATED = "session.status_terminated"
+# How long `logs -f` waits for the closing event of a session that is already over.
+CLOSING_WAIT_S = 5.0
 STATUS_STYLES = {"running": "bold blue", "starting": "blue", "idle": "green", "stopped": "dim", "failed": "bold red"}
 TYPE_STYLES = {
     "user.message": "bold cyan",
@@ -259,19 +262,25 @@ def event_line(event: dict[str, Any]) -> Text:
 
 
 async def _logs(source: Source, console: Console, session_id: str, after: int, follow: bool) -> int:
+    """Prints the events after `after`; with `follow`, long-polls for more until the session is
+    over and its closing event (session.status_terminated, stored just after the status) is out."""
     await source.session(session_id)  # an unknown id fails here, by name
-    cursor = after
+    cursor, last_type, over = after, "", False
     while True:
-        events, status = await source.events(session_id, cursor, FOLLOW_WAIT_S if follow else 0.0)
+        # Once the session is over, nothing more can come but its closing event: a short wait.
+        wait_s = 0.0 if not follow else CLOSING_WAIT_S if over else FOLLOW_WAIT_S
+        events, status = await source.events(session_id, cursor, wait_s)
         for event in events:
             console.print(event_line(event))
-            cursor = event["seq"]
+            cursor, last_type = event["seq"], event["type"]
         console.file.flush()  # a pipe is block-buffered; a follower wants each line as it comes
-        if events:
+        over = status in FINAL_STATUSES
+        if not follow:
+            if not events:
+                return 0
             continue
-        if not follow or status in FINAL_STATUSES:
-            if follow:
-                console.print(Text(f"session {session_id} is {status}", style="dim"))
+        if over and (last_type == TERMINATED or not events):
+            console.print(Text(f"session {session_id} is {status}", style="dim"))
             return 0
 
 
