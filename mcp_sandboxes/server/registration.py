@@ -66,6 +66,8 @@ class CallInfo:
             return False
 
 
+# The key of the short text summary that leads each structured result.
+SUMMARY_KEY = "summary"
 # Around each call: the call being served, or None outside one (or without a context).
 current_call: ContextVar[CallInfo | None] = ContextVar("current_call", default=None)
 # The parameter the SDK fills with the call's Context (found by its annotation).
@@ -201,13 +203,16 @@ def register_tool(
                     result = await handler(request)
             if summarize is None or isinstance(result, InputRequiredResult):
                 return result
-            # A short summary first, then the details compactly (no nulls, no indentation).
+            # A short summary first, then the details compactly (no nulls, no indentation). Clients
+            # such as Claude Code hand the model only the structured content when there is one, so
+            # the summary also leads it.
+            summary = summarize(result)
             return CallToolResult(
                 content=[
-                    TextContent(type="text", text=summarize(result)),
+                    TextContent(type="text", text=summary),
                     TextContent(type="text", text=result.model_dump_json(exclude_none=True)),
                 ],
-                structured_content=result.model_dump(mode="json"),
+                structured_content={SUMMARY_KEY: summary, **result.model_dump(mode="json")},
             )
         except (McpSandboxesError, ToolError) as exc:
             raise ToolError(str(exc)) from exc
@@ -237,6 +242,8 @@ def register_tool(
         annotations=annotations,
         structured_output=output_model is not None,
     )
+    if summarize is not None:
+        _publish_summary(server, name)
     if input_model.model_config.get("extra") != "allow":
         _forbid_unknown_arguments(server, name)
     else:
@@ -278,6 +285,18 @@ class _ArgumentsCheckedByTheTool(FuncMetadata):
         arguments = self.pre_parse_json(arguments_to_validate)
         arguments.pop(CONTEXT_PARAMETER, None)  # only the SDK fills it
         return arguments
+
+
+def _publish_summary(server: MCPServer[Any], name: str) -> None:
+    """The output schema names the summary that leads each structured result."""
+    registered = server._tool_manager.get_tool(name)
+    schema = registered.fn_metadata.output_schema if registered is not None else None
+    if schema is None:  # pragma: no cover - tools with a summary have an output model
+        return
+    schema["properties"] = {
+        SUMMARY_KEY: {"type": "string", "description": "What happened and what to do next, in a few lines."},
+        **schema.get("properties", {}),
+    }
 
 
 def _check_arguments_in_the_tool(server: MCPServer[Any], name: str) -> None:

@@ -45,6 +45,8 @@ async def test_a_refused_tool_call_shows_in_the_outcome_its_summary_and_events(
         assert summary.text.splitlines()[0].startswith(outcome["session"]["session_id"])
         assert "refused by the permission mode: Bash: rm -rf /workspace/cache" in summary.text
         assert "final message: I was not allowed to run that." in summary.text
+        # Claude Code hands its model only the structured content: the summary leads it too.
+        assert outcome["summary"] == summary.text and next(iter(outcome)) == "summary"
         session_id = outcome["session"]["session_id"]
         events = (await mcp.call("read_events", {"session_id": session_id, "types": ["session.error"]}))["events"]
         assert [e["data"]["error"]["type"] for e in events] == ["permission_denied"]
