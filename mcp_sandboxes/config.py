@@ -3,13 +3,14 @@ environment variables. Validated with pydantic so a typo fails at start-up, by n
 
 from __future__ import annotations
 
+import json
 import os
 import tomllib
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from mcp_sandboxes.errors import InvalidInputError
 
@@ -118,6 +119,41 @@ class BudgetSettings(BaseModel):
     max_wall_s: float = Field(default=0, ge=0, description="Seconds since the tree's top session was spawned.")
 
 
+class WorkspaceSettings(BaseModel):
+    """Workspaces: host directories and git repositories brought into sandboxes, and the work
+    read back out of them."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    allowed_roots: list[Path] = Field(
+        default_factory=list,
+        description="Host directories under which environments may name a workspace (a directory to mount or"
+        " copy, or a repository to clone). Empty: no host directory may be used.",
+    )
+    max_read_bytes: int = Field(
+        default=1_048_576, ge=1024, le=64 * 1_048_576, description="Most bytes one read_file call returns."
+    )
+    max_write_bytes: int = Field(
+        default=4 * 1_048_576, ge=1024, le=64 * 1_048_576, description="Most bytes one write_file call writes."
+    )
+    max_diff_bytes: int = Field(
+        default=1_048_576, ge=1024, le=64 * 1_048_576, description="Most bytes of diff, patch or bundle returned."
+    )
+    max_list_entries: int = Field(default=1000, ge=10, le=100_000, description="Most entries list_files returns.")
+    clone_timeout_s: float = Field(
+        default=300, gt=0, le=3600, description="Bound on cloning or copying a workspace in at spawn."
+    )
+
+    @field_validator("allowed_roots", mode="before")
+    @classmethod
+    def _roots_from_a_string(cls, value: Any) -> Any:
+        """From the environment (MCP_SANDBOXES_WORKSPACES__ALLOWED_ROOTS): a JSON list, or paths
+        separated by the OS's path separator (':')."""
+        if isinstance(value, str):
+            return json.loads(value) if value.lstrip().startswith("[") else [p for p in value.split(os.pathsep) if p]
+        return value
+
+
 class BackendSettings(BaseModel):
     """Per-backend settings; the backend module reads what applies to it."""
 
@@ -138,6 +174,7 @@ class Settings(BaseModel):
     subagents: SubagentSettings = Field(default_factory=SubagentSettings)
     permissions: PermissionSettings = Field(default_factory=PermissionSettings)
     budgets: BudgetSettings = Field(default_factory=BudgetSettings)
+    workspaces: WorkspaceSettings = Field(default_factory=WorkspaceSettings)
     providers: dict[str, dict[str, Any]] = Field(default_factory=dict)
     backends: dict[str, BackendSettings] = Field(default_factory=dict)
 

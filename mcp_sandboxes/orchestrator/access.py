@@ -6,6 +6,12 @@ only within what the operator allowed: providers and images from the `subagents`
 (by default exactly its own environment's), a network no wider than its own, limits no
 looser, the same read-only root and OCI runtime, and never a sandbox that is the host itself
 (provider `process`, bubblewrap over `/`) unless the operator turned `allow_unsandboxed` on.
+
+Workspaces (`confine_workspace`): an agent never widens what of the host its own environment
+reaches. A host directory (to mount or copy) or a repository given by host path must lie inside a
+host directory its own environment's workspace already names; it may be mounted read-write only
+where its own is mounted read-write ('ro' and 'copy' only read). A repository URL must be exactly
+its own environment's. And `workspaces.allowed_roots` binds agents as it binds the operator.
 """
 
 from __future__ import annotations
@@ -15,8 +21,9 @@ from fnmatch import fnmatchcase
 from mcp_sandboxes.config import SubagentSettings
 from mcp_sandboxes.errors import InvalidInputError
 from mcp_sandboxes.orchestrator.providers import ProviderPool
+from mcp_sandboxes.orchestrator.workspaces import host_directories, host_path_of, is_host_path, within
 from mcp_sandboxes.providers.base import ResourceLimits, SandboxSpec
-from mcp_sandboxes.store import Database, EnvironmentRecord
+from mcp_sandboxes.store import Database, DirectoryWorkspace, EnvironmentRecord, GitWorkspace, WorkspaceSpec
 
 # Wider networks reach more: an agent may only keep or narrow its own.
 NETWORK_REACH: dict[str, int] = {"none": 0, "host": 2}
@@ -75,6 +82,38 @@ class AgentAccess:
         if own.spec.read_only_root and not spec.read_only_root:
             raise InvalidInputError("read_only_root", "must be true, as in your own environment")
         return spec.model_copy(update={"limits": _confined_limits(spec.limits, own.spec.limits)})
+
+    async def confine_workspace(self, session_id: str, workspace: WorkspaceSpec | None) -> None:
+        """Refuse a workspace that reaches more of the host than the agent's own environment's."""
+        if workspace is None:
+            return
+        own = (await self.own_environment(session_id)).workspace
+        reach = host_directories(own)
+        if isinstance(workspace, GitWorkspace) and not is_host_path(workspace.url):
+            if not (isinstance(own, GitWorkspace) and own.url == workspace.url):
+                raise InvalidInputError(
+                    "workspace.url",
+                    "agents may clone only the repository of their own environment"
+                    + (f" ({own.url})" if isinstance(own, GitWorkspace) else " (yours has none)"),
+                )
+            return
+        if isinstance(workspace, DirectoryWorkspace):
+            path, mode, field = workspace.path, workspace.mode, "workspace.path"
+        else:
+            path, mode, field = host_path_of(workspace.url), "copy", "workspace.url"
+        inside = [own_mode for own_path, own_mode in reach if within(path, own_path)]
+        if not inside:
+            shown = ", ".join(own_path for own_path, _ in reach) or "none"
+            raise InvalidInputError(
+                field,
+                f"{path!r} is outside the host directories your own environment's workspace has ({shown});"
+                " agents may only use those or directories inside them",
+            )
+        if mode == "rw" and "rw" not in inside:
+            raise InvalidInputError(
+                "workspace.mode",
+                "'rw' would let you change host files your own environment only reads; use 'ro' or 'copy'",
+            )
 
 
 FIELD_OF_LIMIT = {"cpus": "cpus", "memory_mb": "memory_mb", "pids": "pids_limit"}

@@ -45,8 +45,19 @@ from mcp_sandboxes.orchestrator.sessions import PERMISSION_PROMPT_TOOL, SessionS
 from mcp_sandboxes.orchestrator.subagents import Caller, Lineage
 from mcp_sandboxes.orchestrator.views import EnvironmentView, EventsPage, SessionView
 from mcp_sandboxes.orchestrator.worker import SessionWorker, WorkerPool
+from mcp_sandboxes.orchestrator.workspaces import (
+    Diff,
+    Entry,
+    Export,
+    FileContent,
+    SandboxWorkspace,
+    check_read_size,
+    decode_content,
+    export_session,
+    workspace_base,
+)
 from mcp_sandboxes.providers.base import Sandbox
-from mcp_sandboxes.store import Database, EventRecord, SessionRecord
+from mcp_sandboxes.store import Database, EnvironmentRecord, EventRecord, SessionRecord
 from mcp_sandboxes.store.records import LIVE_STATUSES, SessionStatus, TurnRecord
 
 logger = logging.getLogger(__name__)
@@ -63,7 +74,7 @@ class Orchestrator:
         self.journal = EventJournal(self.db, self.bus)
         self.providers = ProviderPool(settings)
         self.access = AgentAccess(self.db, self.providers, settings.subagents)
-        self.environments = EnvironmentService(self.db, self.providers, self.access)
+        self.environments = EnvironmentService(self.db, self.providers, self.access, settings.workspaces)
         self.lineage = Lineage(self.db)
         self.permissions = PermissionBroker(self.journal.emit, settings.permissions.timeout_s)
         # Further values to redact from what callers see (the server adds its operator token).
@@ -306,6 +317,49 @@ class Orchestrator:
 
     async def descendants(self, session_id: str) -> list[str]:
         return await self.lineage.descendants(session_id)
+
+    # -- workspaces: a session's files and work, read and taken out (orchestrator/workspaces.py) --
+
+    async def _workspace(self, session_id: str) -> tuple[SessionRecord, EnvironmentRecord, SandboxWorkspace]:
+        session = await self.db.get_session(session_id)
+        worker = self.workers.get(session_id)
+        env = await self.db.find_environment(session.environment_id)
+        if worker is None or env is None:
+            raise ConflictError(
+                f"session_id: session {session_id} is {session.status} and its sandbox is gone, so its workspace"
+                " cannot be reached; spawn a new agent (export_changes before stop_session keeps the work)"
+            )
+        user = env.spec.user or self.workers.user_of(worker.sandbox)
+        return session, env, SandboxWorkspace(worker.sandbox, env.spec.workdir, user)
+
+    async def read_workspace_file(self, session_id: str, path: str, *, offset: int, max_bytes: int) -> FileContent:
+        check_read_size(max_bytes, self.settings.workspaces)
+        _, _, workspace = await self._workspace(session_id)
+        return await workspace.read(path, offset=offset, max_bytes=max_bytes)
+
+    async def write_workspace_file(
+        self, session_id: str, path: str, content: str, encoding: Literal["text", "base64"]
+    ) -> tuple[str, int]:
+        data = decode_content(content, encoding, self.settings.workspaces)
+        _, _, workspace = await self._workspace(session_id)
+        return (await workspace.write(path, data)).relative, len(data)
+
+    async def list_workspace(self, session_id: str, path: str, *, depth: int) -> tuple[str, list[Entry], bool]:
+        _, _, workspace = await self._workspace(session_id)
+        return await workspace.listing(path, depth=depth, limit=self.settings.workspaces.max_list_entries)
+
+    async def session_diff(self, session_id: str) -> Diff:
+        session, _, workspace = await self._workspace(session_id)
+        return await workspace.diff(workspace_base(session), max_bytes=self.settings.workspaces.max_diff_bytes)
+
+    async def export_changes(
+        self, session_id: str, *, format: Literal["auto", "bundle", "patch"], to_host: bool
+    ) -> Export:
+        """`to_host`: the caller may put a branch into the host repository (the operator)."""
+        session, env, workspace = await self._workspace(session_id)
+        return await export_session(
+            workspace, session, env.workspace, format=format, to_host=to_host, settings=self.settings.workspaces
+        )
 
 
 __all__ = [

@@ -7,13 +7,15 @@ import uuid
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from mcp_sandboxes.config import WorkspaceSettings
 from mcp_sandboxes.errors import ConflictError, InvalidInputError, NotFoundError
 from mcp_sandboxes.orchestrator.access import AgentAccess
 from mcp_sandboxes.orchestrator.providers import ProviderPool
 from mcp_sandboxes.orchestrator.views import EnvironmentView
+from mcp_sandboxes.orchestrator.workspaces import check_workspace, workspace_mounts
 from mcp_sandboxes.providers.base import NetworkMode, ResourceLimits, SandboxSpec
 from mcp_sandboxes.redaction import looks_like_secret_name, looks_like_secret_value
-from mcp_sandboxes.store import Database, EnvironmentRecord
+from mcp_sandboxes.store import Database, EnvironmentRecord, WorkspaceSpec
 from mcp_sandboxes.store.database import utc_now
 from mcp_sandboxes.store.records import LIVE_STATUSES
 
@@ -34,13 +36,21 @@ class EnvironmentRequest(BaseModel):
     setup_commands: list[str] = Field(default_factory=list)
     read_only_root: bool = False
     runtime: str | None = None
+    workspace: WorkspaceSpec | None = None
 
 
 class EnvironmentService:
-    def __init__(self, db: Database, providers: ProviderPool, access: AgentAccess) -> None:
+    def __init__(
+        self,
+        db: Database,
+        providers: ProviderPool,
+        access: AgentAccess,
+        workspaces: WorkspaceSettings | None = None,
+    ) -> None:
         self._db = db
         self._providers = providers
         self._access = access
+        self._workspaces = workspaces or WorkspaceSettings()
         # Set by the server when a host-network sandbox could call in as the operator (an operator
         # endpoint without a token): then no environment may use the host network.
         self.host_network_refusal: str | None = None
@@ -68,6 +78,9 @@ class EnvironmentService:
                     " (API keys), or pass it to the agent some other way",
                 )
         self.check_network(request.network)
+        workspace = None if request.workspace is None else check_workspace(request.workspace, self._workspaces)
+        if workspace is not None and created_by_session is not None:
+            await self._access.confine_workspace(created_by_session, workspace)
         for index, command in enumerate(request.setup_commands):
             if not command.strip():
                 raise InvalidInputError(f"setup_commands[{index}]", "empty command; remove it")
@@ -91,6 +104,7 @@ class EnvironmentService:
             limits=request.limits,
             read_only_root=request.read_only_root,
             runtime=request.runtime,
+            mounts=workspace_mounts(workspace, request.workdir),
         )
         if created_by_session is not None:
             spec = await self._access.confine(created_by_session, request.provider, spec)
@@ -103,6 +117,7 @@ class EnvironmentService:
             setup_commands=request.setup_commands,
             created_at=utc_now(),
             created_by_session=created_by_session,
+            workspace=workspace,
         )
         await self._db.insert_environment(record)
         return await self.view(record)

@@ -36,6 +36,7 @@ from mcp_sandboxes.orchestrator.subagents import (
 )
 from mcp_sandboxes.orchestrator.views import SessionView
 from mcp_sandboxes.orchestrator.worker import SessionWorker, WorkerPool
+from mcp_sandboxes.orchestrator.workspaces import SandboxWorkspace
 from mcp_sandboxes.providers.base import Sandbox
 from mcp_sandboxes.redaction import redact
 from mcp_sandboxes.store import Database, SessionRecord
@@ -114,6 +115,7 @@ class SessionService:
         if parent_session_id is not None:
             # An agent spawning: only into what its own environment would allow it to create.
             env_spec = await self._access.confine(parent_session_id, env.provider, env.spec)
+            await self._access.confine_workspace(parent_session_id, env.workspace)
         if (
             subagents
             and await self._access.exposes_host(env.provider, env.spec)
@@ -174,6 +176,10 @@ class SessionService:
         started = time.monotonic()
         sandbox = await provider.create(spec)
         try:
+            # The workspace first: setup commands may build what it brings in.
+            base, branch = await SandboxWorkspace(sandbox, spec.workdir, spec.user).set_up(
+                env.workspace, session_id, self._settings.workspaces
+            )
             await self._run_setup(sandbox, env.setup_commands, made_by_agent=env.created_by_session is not None)
             await backend.prepare(sandbox, prepared_agent, home=self._workers.home_of(sandbox), user=spec.user)
             now = utc_now()
@@ -190,6 +196,8 @@ class SessionService:
                     updated_at=now,
                     token_sha256=token_sha256,
                     token_scope=token_scope,
+                    workspace_base=base,
+                    workspace_branch=branch,
                 ),
                 prompt,
             )

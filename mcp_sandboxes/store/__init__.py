@@ -5,21 +5,29 @@ The public surface is `__all__` (tests/test_public_surface.py keeps other rooms 
 from mcp_sandboxes.store.database import Database, make_private_dir, utc_now
 from mcp_sandboxes.store.records import (
     LIVE_STATUSES,
+    WORKSPACE_ADAPTER,
+    DirectoryWorkspace,
     EnvironmentRecord,
     EventRecord,
+    GitWorkspace,
     SessionRecord,
     SessionStatus,
     TurnRecord,
+    WorkspaceSpec,
 )
 
 __all__ = [
     "LIVE_STATUSES",
+    "WORKSPACE_ADAPTER",
     "Database",
+    "DirectoryWorkspace",
     "EnvironmentRecord",
     "EventRecord",
+    "GitWorkspace",
     "SessionRecord",
     "SessionStatus",
     "TurnRecord",
+    "WorkspaceSpec",
     "make_private_dir",
     "utc_now",
 ]

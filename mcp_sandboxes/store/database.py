@@ -25,6 +25,7 @@ from mcp_sandboxes.specs import AgentSpec, SandboxSpec
 from mcp_sandboxes.store.migrations import MIGRATIONS
 from mcp_sandboxes.store.records import (
     LIVE_STATUSES,
+    WORKSPACE_ADAPTER,
     EnvironmentRecord,
     EventRecord,
     SessionRecord,
@@ -159,7 +160,7 @@ class Database:
             async with self._transaction() as conn:
                 await conn.execute(
                     "INSERT INTO environments (id, name, provider, spec_json, setup_commands_json, created_at,"
-                    " created_by_session) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    " created_by_session, workspace_json) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         env.id,
                         env.name,
@@ -168,6 +169,7 @@ class Database:
                         json.dumps(env.setup_commands),
                         env.created_at,
                         env.created_by_session,
+                        None if env.workspace is None else env.workspace.model_dump_json(),
                     ),
                 )
         except sqlite3.IntegrityError as exc:
@@ -186,6 +188,7 @@ class Database:
             created_at=row["created_at"],
             created_by_session=row["created_by_session"],
             deleted_at=row["deleted_at"],
+            workspace=WORKSPACE_ADAPTER.validate_json(row["workspace_json"]) if row["workspace_json"] else None,
         )
 
     async def find_environment(self, id_or_name: str) -> EnvironmentRecord | None:
@@ -241,6 +244,8 @@ class Database:
             updated_at=row["updated_at"],
             token_sha256=row["token_sha256"],
             token_scope=row["token_scope"],
+            workspace_base=row["workspace_base"],
+            workspace_branch=row["workspace_branch"],
         )
 
     async def insert_session(self, session: SessionRecord, first_prompt: str) -> None:
@@ -249,7 +254,8 @@ class Database:
             await conn.execute(
                 "INSERT INTO sessions (id, environment_id, parent_session_id, backend, agent_json, status,"
                 " sandbox_id, native_session_id, stop_reason, last_error, usage_json, created_at, updated_at,"
-                " token_sha256, token_scope) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " token_sha256, token_scope, workspace_base, workspace_branch)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     session.id,
                     session.environment_id,
@@ -266,6 +272,8 @@ class Database:
                     session.updated_at,
                     session.token_sha256,
                     session.token_scope,
+                    session.workspace_base,
+                    session.workspace_branch,
                 ),
             )
             await conn.execute(

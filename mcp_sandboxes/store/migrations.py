@@ -103,4 +103,15 @@ MIGRATIONS: list[tuple[int, str]] = [
         ALTER TABLE sessions ADD COLUMN token_scope TEXT;
         """,
     ),
+    (
+        6,
+        # Workspaces: what an environment brings into each sandbox (a host directory or a git
+        # repository, as JSON), and per session the commit its workspace started at and the branch
+        # it works on, so diffs and exports are against that starting point.
+        """
+        ALTER TABLE environments ADD COLUMN workspace_json TEXT;
+        ALTER TABLE sessions ADD COLUMN workspace_base TEXT;
+        ALTER TABLE sessions ADD COLUMN workspace_branch TEXT;
+        """,
+    ),
 ]

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 from mcp_sandboxes.events import Usage
 from mcp_sandboxes.specs import AgentSpec, SandboxSpec
@@ -12,6 +12,34 @@ from mcp_sandboxes.specs import AgentSpec, SandboxSpec
 SessionStatus = Literal["starting", "running", "idle", "stopped", "failed"]
 TurnStatus = Literal["queued", "running", "done", "failed", "interrupted"]
 LIVE_STATUSES: tuple[SessionStatus, ...] = ("starting", "running", "idle")
+
+
+class DirectoryWorkspace(BaseModel):
+    """A host directory: bind-mounted at the workdir ('ro', 'rw') or copied in at spawn ('copy')."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["directory"] = "directory"
+    path: str = Field(description="Absolute host path, under one of the server's workspaces.allowed_roots.")
+    mode: Literal["ro", "rw", "copy"] = Field(
+        default="copy",
+        description="'ro'/'rw': bind-mounted at the workdir (rw: the agent changes the host's files);"
+        " 'copy': copied into each sandbox at spawn.",
+    )
+
+
+class GitWorkspace(BaseModel):
+    """A git repository cloned (on the host) into each sandbox's workdir at spawn."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["git"] = "git"
+    url: str = Field(description="A host path of a repository (under workspaces.allowed_roots) or a URL.")
+    ref: str | None = Field(default=None, description="Branch, tag or commit to start from; default: HEAD.")
+
+
+WorkspaceSpec = Annotated[DirectoryWorkspace | GitWorkspace, Field(discriminator="kind")]
+WORKSPACE_ADAPTER: TypeAdapter[DirectoryWorkspace | GitWorkspace] = TypeAdapter(WorkspaceSpec)
 
 
 class EnvironmentRecord(BaseModel):
@@ -24,6 +52,7 @@ class EnvironmentRecord(BaseModel):
     # The session of the agent that created it; None when the operator did.
     created_by_session: str | None = None
     deleted_at: str | None = None
+    workspace: WorkspaceSpec | None = None
 
 
 class SessionRecord(BaseModel):
@@ -46,6 +75,8 @@ class SessionRecord(BaseModel):
     token_scope: str | None = Field(
         default=None, description="'full' (sub-agents) or 'permissions' (only its own permission prompts)."
     )
+    workspace_base: str | None = Field(default=None, description="The commit its workspace started at, if any.")
+    workspace_branch: str | None = Field(default=None, description="The git branch its workspace works on, if any.")
 
 
 class TurnRecord(BaseModel):
