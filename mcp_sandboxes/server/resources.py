@@ -24,6 +24,8 @@ from mcp_sandboxes.server.registration import http_request
 
 logger = logging.getLogger(__name__)
 
+# The tool a sandboxed Claude Code asks its permission prompts with (server/tools.py registers it).
+AGENT_ONLY_TOOL = "approve_tool_use"
 TRANSCRIPT_TEMPLATE = "sandboxes://sessions/{session_id}/transcript"
 EVENTS_TEMPLATE = "sandboxes://sessions/{session_id}/events"
 NOTIFY_TIMEOUT_S = 5.0
@@ -34,6 +36,22 @@ class SandboxesMCPServer(MCPServer[Any]):
 
     orchestrator: Orchestrator
     identity: CallerIdentity | None = None
+
+    async def _handle_list_tools(
+        self, ctx: ServerRequestContext[Any], params: types.PaginatedRequestParams | None
+    ) -> types.ListToolsResult:
+        """Each caller sees the tools it may call: the operator not the one sandboxed agents ask
+        their permission prompts with, a permissions-only agent token that one alone."""
+        tools = await self.list_tools()
+        caller = None
+        request = getattr(ctx, "request", None)
+        if self.identity is not None and request is not None:
+            caller = await self.identity.caller(request.headers.get("authorization", ""))
+        if caller is None or not caller.is_agent:
+            tools = [tool for tool in tools if tool.name != AGENT_ONLY_TOOL]
+        elif caller.scope == "permissions":
+            tools = [tool for tool in tools if tool.name == AGENT_ONLY_TOOL]
+        return types.ListToolsResult(tools=tools)
 
     async def _handle_list_resources(
         self, ctx: ServerRequestContext[Any], params: types.PaginatedRequestParams | None

@@ -109,6 +109,9 @@ async def test_without_elicitation_the_caller_denies_with_resolve_permission(
         async with as_agent(entry["url"], entry["headers"]["Authorization"].removeprefix("Bearer ")) as agent:
             with pytest.raises(ToolCallError, match="only asks about its own permission prompts"):
                 await agent.call("list_sessions")
+            assert [tool.name for tool in (await agent.client.list_tools()).tools] == ["approve_tool_use"]
+        operator_tools = {tool.name for tool in (await mcp.client.list_tools()).tools}
+        assert "approve_tool_use" not in operator_tools and {"resolve_permission", "wait_for"} <= operator_tools
         with pytest.raises(ToolCallError, match="only a sandboxed agent asks this"):
             await mcp.call("approve_tool_use", {"tool_name": "Bash", "input": {}})
 
