@@ -76,8 +76,22 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     venv = work / "venv"
     made = run([sys.executable, "-m", "venv", str(venv)], work)
     assert made.returncode == 0, made.stderr
-    install = run([str(venv / "bin" / "pip"), "install", "-q", str(wheel)], work, INSTALL_TIMEOUT_S)
+    # Offline (tests reach loopback only): the wheel alone, its dependencies borrowed from the
+    # project's own venv, minus the package itself and the optional modal extra.
+    install = run(
+        [str(venv / "bin" / "pip"), "install", "-q", "--no-deps", "--no-index", str(wheel)], work, INSTALL_TIMEOUT_S
+    )
     assert install.returncode == 0, install.stderr[-3000:]
+    borrowed = work / "dependencies"
+    borrowed.mkdir()
+    project_site = Path(next(p for p in sys.path if p.endswith("site-packages") and ".venv" in p))
+    for entry in project_site.iterdir():
+        lowered = entry.name.lower()
+        if lowered.endswith(".pth") or lowered.startswith(("mcp_sandboxes", "__editable__", "modal", "_modal")):
+            continue
+        (borrowed / entry.name).symlink_to(entry)
+    (site,) = (venv / "lib").glob("python3*/site-packages")
+    (site / "borrowed-dependencies.pth").write_text(f"{borrowed}\n")
     return venv / "bin"
 
 
@@ -118,3 +132,30 @@ def test_the_modal_provider_names_its_extra_when_modal_is_missing(installed: Pat
     refused = run([str(installed / "python"), "-c", script], tmp_path)
     assert refused.stdout.startswith("ProviderUnavailableError")
     assert "pip install 'mcp-sandboxes[modal]'" in refused.stdout
+
+
+async def test_the_installed_server_runs_a_claude_code_session_end_to_end(installed: Path, tmp_path: Path) -> None:
+    """The wheel's own `mcp-sandboxes serve` (stdio), a real MCP client, the real Claude Code in
+    Docker against the scripted model: the installed package does the whole job."""
+    from mcp import Client
+    from mcp.client.stdio import StdioServerParameters
+
+    from tests.conftest import CLAUDE_BIN
+    from tests.e2e.harness import McpSession, server_environment
+    from tests.support.model_server import Reply, Script, ScriptedModelServer
+
+    with ScriptedModelServer(Script(fallback=Reply(text="FROM-THE-WHEEL"))) as model:
+        environment = server_environment(tmp_path / "data", model.url, CLAUDE_BIN)
+        environment.pop("PYTHONPATH")  # nothing of the checkout
+        params = StdioServerParameters(
+            command=str(installed / "mcp-sandboxes"),
+            args=["serve", "--transport", "stdio"],
+            env=environment,
+            cwd=str(tmp_path),
+        )
+        async with Client(params) as client:
+            mcp = McpSession(client, "stdio")
+            await mcp.call("create_environment", {"name": "wheel", "image": BASE_IMAGE, "network": "host"})
+            outcome = await mcp.call("spawn_agent", {"environment": "wheel", "prompt": "hello", "wait": True})
+            assert outcome["completed"] and outcome["final_message"] == "FROM-THE-WHEEL", outcome
+            await mcp.call("stop_session", {"session_id": outcome["session"]["session_id"]})
