@@ -37,7 +37,7 @@ import anyio
 
 from mcp_sandboxes.config import WorkspaceSettings
 from mcp_sandboxes.errors import ConflictError, InvalidInputError, NotFoundError
-from mcp_sandboxes.providers.base import ExecResult, Mount, Sandbox
+from mcp_sandboxes.providers.base import Mount, Sandbox
 from mcp_sandboxes.store import DirectoryWorkspace, GitWorkspace, SessionRecord, WorkspaceSpec
 
 BRANCH_PREFIX = "mcp-sandboxes/"
@@ -191,6 +191,17 @@ def _tar_directory(path: str) -> bytes:
 
 
 @dataclass(frozen=True)
+class Ran:
+    exit_code: int
+    stdout: bytes
+    stderr: bytes
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0
+
+
+@dataclass(frozen=True)
 class Resolved:
     """A path inside the workspace: as the caller should see it (relative to the workdir) and
     as the sandbox resolved it (absolute, symlinks followed)."""
@@ -254,8 +265,8 @@ class SandboxWorkspace:
 
     async def sh(
         self, script: str, *args: str, stdin: bytes | None = None, env: dict[str, str] | None = None
-    ) -> ExecResult:
-        return await self.sandbox.exec(
+    ) -> Ran:
+        result = await self.sandbox.exec(
             ["sh", "-c", f'git() {{ command {SANDBOX_GIT} "$@"; }}\n{script}', "sh", *args],
             stdin=stdin,
             env=env,
@@ -263,6 +274,7 @@ class SandboxWorkspace:
             user=self.user,
             timeout=SANDBOX_COMMAND_TIMEOUT_S,
         )
+        return Ran(result.exit_code, result.stdout, result.stderr)
 
     async def checked(self, what: str, script: str, *args: str, stdin: bytes | None = None) -> bytes:
         result = await self.sh(script, *args, stdin=stdin)

@@ -26,6 +26,7 @@ from mcp_sandboxes.server.prompts import register_prompts
 from mcp_sandboxes.server.resources import ResourceNotifier, SandboxesMCPServer, register_resources
 from mcp_sandboxes.server.tools import register_tools
 from mcp_sandboxes.server.web import SHUTDOWN_GRACE_S, WebBesideMcp, web_app
+from mcp_sandboxes.server.workspace_tools import register_workspace_tools
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +51,7 @@ def build_server(
     server.orchestrator = orchestrator
     server.identity = identity
     register_tools(server, orchestrator, identity.call_scope if identity is not None else None)
+    register_workspace_tools(server, orchestrator, identity.call_scope if identity is not None else None)
     register_resources(server, orchestrator, identity)
     register_prompts(server, orchestrator, identity)
     notifier = ResourceNotifier(server, bus)

@@ -13,6 +13,7 @@ from mcp_sandboxes.events import EVENT_TYPES, Usage
 from mcp_sandboxes.orchestrator import provider_names
 from mcp_sandboxes.orchestrator.views import EnvironmentView, SessionView
 from mcp_sandboxes.specs import ResourceLimits
+from mcp_sandboxes.store import WorkspaceSpec
 from mcp_sandboxes.store.records import SessionStatus
 
 MAX_WAIT_S = 600.0
@@ -182,6 +183,14 @@ class CreateEnvironmentInput(_Input):
         max_length=64,
         pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
         description="OCI runtime, e.g. 'runsc' for gVisor (docker, containerd; `mcp-sandboxes doctor` lists them).",
+    )
+    workspace: WorkspaceSpec | None = Field(
+        default=None,
+        description="What each sandbox's workdir starts with, where the agent starts: a host directory"
+        ' {"kind": "directory", "path": "/abs/path", "mode": "ro" | "rw" | "copy"} or a git repository'
+        ' {"kind": "git", "url": "/abs/repo or https://...", "ref": "main"} (cloned on the host). Host paths'
+        " only under the server's workspaces.allowed_roots. Each session of a git or copied workspace works"
+        " on its own branch mcp-sandboxes/<session_id>; session_diff and export_changes take the work out.",
     )
 
     @field_validator("env")

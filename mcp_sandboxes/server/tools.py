@@ -155,6 +155,7 @@ def register_tools(server: MCPServer[Any], orchestrator: Orchestrator, call_scop
                 setup_commands=request.setup_commands,
                 read_only_root=request.read_only_root,
                 runtime=request.runtime,
+                workspace=request.workspace,
             ),
             caller_session_id=caller.session_id,
         )

@@ -20,7 +20,11 @@ class DirectoryWorkspace(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     kind: Literal["directory"] = "directory"
-    path: str = Field(description="Absolute host path, under one of the server's workspaces.allowed_roots.")
+    path: str = Field(
+        min_length=1,
+        max_length=4096,
+        description="Absolute host path, under one of the server's workspaces.allowed_roots.",
+    )
     mode: Literal["ro", "rw", "copy"] = Field(
         default="copy",
         description="'ro'/'rw': bind-mounted at the workdir (rw: the agent changes the host's files);"
@@ -34,8 +38,14 @@ class GitWorkspace(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     kind: Literal["git"] = "git"
-    url: str = Field(description="A host path of a repository (under workspaces.allowed_roots) or a URL.")
-    ref: str | None = Field(default=None, description="Branch, tag or commit to start from; default: HEAD.")
+    url: str = Field(
+        min_length=1,
+        max_length=4096,
+        description="A host path of a repository (under workspaces.allowed_roots) or a git URL (https, ssh, git).",
+    )
+    ref: str | None = Field(
+        default=None, min_length=1, max_length=200, description="Branch, tag or commit to start from; default: HEAD."
+    )
 
 
 WorkspaceSpec = Annotated[DirectoryWorkspace | GitWorkspace, Field(discriminator="kind")]
