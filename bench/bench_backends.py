@@ -25,6 +25,7 @@ import anyio
 from mcp_sandboxes.backends.base import AgentSpec, Turn
 from mcp_sandboxes.backends.registry import build_backend
 from mcp_sandboxes.config import load_settings
+from mcp_sandboxes.orchestrator.setup import apply_setup
 from mcp_sandboxes.providers.base import LineSplitter, SandboxSpec
 from mcp_sandboxes.providers.registry import build_provider
 from tests.conftest import ROOT
@@ -55,7 +56,7 @@ async def baseline(case: BackendCase, model_url: str, runs: int) -> list[float]:
             sandbox = await provider.create(spec)
             try:
                 agent = AgentSpec(backend=case.backend, permission_mode=case.spawn_args.get("permission_mode"))
-                await backend.prepare(sandbox, agent, home="/home/agent", user="agent")
+                await apply_setup(sandbox, backend.setup(agent, home="/home/agent"), user="agent")
                 turn = Turn(session_id=f"bench{index}", index=0, prompt=PROMPT, agent=agent)
                 command = backend.command(turn)
                 translator = backend.translator()

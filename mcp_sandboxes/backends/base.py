@@ -1,8 +1,9 @@
 """The contracts every agent backend implements.
 
-A Backend builds the argv for a turn (first or resumed) and prepares the sandbox; its
-Translator turns the CLI's machine-readable stdout into normalized events. Backends know
-their CLI and nothing about where it runs.
+A Backend builds the argv for a turn (first or resumed) and says, as data, what its CLI needs
+in the sandbox (a `SandboxSetup`, which the orchestrator applies); its Translator turns the
+CLI's machine-readable stdout into normalized events. Backends know their CLI and nothing about
+where it runs: they import no provider.
 """
 
 from __future__ import annotations
@@ -13,9 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from mcp_sandboxes.errors import InvalidInputError
 from mcp_sandboxes.events import Event, StopReasonType, Usage
-from mcp_sandboxes.providers.base import Sandbox
 from mcp_sandboxes.specs import AgentSpec as AgentSpec
-from mcp_sandboxes.specs import Mount
+from mcp_sandboxes.specs import Mount, SandboxSetup
 
 
 def argument(field: str, value: str) -> str:
@@ -116,6 +116,9 @@ class Backend(Protocol):
         """Host paths to mount into the sandbox (e.g. a CLI binary), read-only."""
         ...
 
-    async def prepare(self, sandbox: Sandbox, agent: AgentSpec, *, home: str, user: str | None) -> None:
-        """Write config files the CLI needs before its first turn (idempotent)."""
+    def setup(self, agent: AgentSpec, *, home: str) -> SandboxSetup:
+        """What the CLI needs in the sandbox before its first turn, for `agent` with HOME at
+        `home`: directories and config files (mcp_sandboxes.orchestrator.setup applies it, owned
+        by the sandbox's user). Raises InvalidInputError for an agent spec the CLI cannot run, so
+        a bad spawn fails before any turn."""
         ...

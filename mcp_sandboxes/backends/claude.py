@@ -20,7 +20,6 @@ from typing import Any
 from mcp_sandboxes.backends import _kit
 from mcp_sandboxes.backends.base import AgentSpec, Command, RetryIf, Turn, TurnResult, argument
 from mcp_sandboxes.config import BackendSettings
-from mcp_sandboxes.errors import BackendError
 from mcp_sandboxes.events import (
     AgentMcpToolResult,
     AgentMcpToolUse,
@@ -36,14 +35,12 @@ from mcp_sandboxes.events import (
     TextBlock,
     Usage,
 )
-from mcp_sandboxes.providers.base import Sandbox
-from mcp_sandboxes.specs import Mount
+from mcp_sandboxes.specs import Mount, SandboxSetup, SetupFile, WriteFile
 
 NAME = "claude"
 CLI_TARGET = "/usr/local/bin/claude"
-# Relative to the agent's HOME; written by `prepare`, named by `command`.
+# Relative to the agent's HOME; written by `setup`, named by `command`.
 MCP_CONFIG_PATH = ".mcp-sandboxes/claude-mcp.json"
-PREPARE_TIMEOUT_S = 30.0
 # Claude Code refuses to bypass permissions as root unless told it runs in a sandbox.
 _BYPASS_MODES = frozenset({"bypassPermissions"})
 _BYPASS_FLAGS = frozenset({"--dangerously-skip-permissions"})
@@ -119,22 +116,14 @@ class ClaudeBackend:
             executable=self.executable,
         )
 
-    async def prepare(self, sandbox: Sandbox, agent: AgentSpec, *, home: str, user: str | None) -> None:
-        config_dir = str(Path(home) / Path(MCP_CONFIG_PATH).parent)
-        script = 'mkdir -p "$1" "$2" && if [ -n "$3" ]; then chown "$3" "$1" "$2"; fi'
-        # As root when a user is named: the home may not exist yet and root must create it.
-        result = await sandbox.exec(
-            ["sh", "-c", script, "sh", home, config_dir, user or ""],
-            user="0" if user else None,
-            timeout=PREPARE_TIMEOUT_S,
-        )
-        if not result.ok:
-            detail = result.stderr.decode("utf-8", "replace").strip()
-            raise BackendError(f"claude: could not create HOME {home} for user {user or '(default)'}: {detail}")
+    def setup(self, agent: AgentSpec, *, home: str) -> SandboxSetup:
+        files: list[SetupFile] = []
         if agent.mcp_servers:
             data = json.dumps({"mcpServers": agent.mcp_servers}, indent=2).encode()
             # 0600: server entries may carry tokens in their env.
-            await sandbox.put_file(mcp_config_path(home), data, mode=0o600, user=user)
+            files.append(WriteFile(path=mcp_config_path(home), data=data, mode=0o600))
+        config_dir = str(Path(home) / Path(MCP_CONFIG_PATH).parent)
+        return SandboxSetup(backend=self.name, home=home, directories=[config_dir], files=files)
 
 
 def mcp_config_path(home: str) -> str:

@@ -7,7 +7,7 @@ sandbox, and exec never asks for approval anyway. Codex keeps its threads under
 `$HOME/.codex/sessions`, so HOME is the session's fixed home.
 
 Settings the session fixes live in a Codex profile file, `$HOME/.codex/mcp-sandboxes.config.toml`
-(written by `prepare`, layered on the user's config by `-p mcp-sandboxes`): the model provider
+(written by `setup`, layered on the user's config by `-p mcp-sandboxes`): the model provider
 when OPENAI_BASE_URL is set (Codex 0.169 ignores that variable for its built-in provider), the
 system prompt as `developer_instructions` (added to Codex's own instructions, not replacing
 them), and MCP servers as `[mcp_servers.NAME]` tables. A file rather than `-c` flags, because
@@ -36,7 +36,7 @@ from typing import Any
 from mcp_sandboxes.backends import _kit
 from mcp_sandboxes.backends.base import AgentSpec, Command, Turn, TurnResult, argument
 from mcp_sandboxes.config import BackendSettings
-from mcp_sandboxes.errors import BackendError, InvalidInputError
+from mcp_sandboxes.errors import InvalidInputError
 from mcp_sandboxes.events import (
     AgentMcpToolResult,
     AgentMcpToolUse,
@@ -52,8 +52,7 @@ from mcp_sandboxes.events import (
     TextBlock,
     Usage,
 )
-from mcp_sandboxes.providers.base import Sandbox
-from mcp_sandboxes.specs import Mount
+from mcp_sandboxes.specs import Mount, SandboxSetup, WriteFile
 
 NAME = "codex"
 # Where a host codex (cli_path) is mounted: its platform directory, so the binary keeps its
@@ -63,7 +62,6 @@ CLI_TARGET = f"{CLI_MOUNT}/bin/codex"
 PROFILE = "mcp-sandboxes"
 PROFILE_PATH = f".codex/{PROFILE}.config.toml"  # relative to HOME, read as $CODEX_HOME/<profile>.config.toml
 PROVIDER_ID = "mcp_sandboxes"
-PREPARE_TIMEOUT_S = 30.0
 # Codex names MCP servers in config keys and tool names; it accepts only these characters.
 _SERVER_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 # Codex 0.169 exits 1 without a turn.completed/turn.failed line when stopped by SIGINT (mid-turn);
@@ -169,21 +167,11 @@ class CodexBackend:
             )
         return [Mount(source=str(binary.parent.parent), target=CLI_MOUNT, read_only=True)]
 
-    async def prepare(self, sandbox: Sandbox, agent: AgentSpec, *, home: str, user: str | None) -> None:
+    def setup(self, agent: AgentSpec, *, home: str) -> SandboxSetup:
         profile = profile_toml(agent, base_url=self._env.get("OPENAI_BASE_URL"))
-        config_dir = str(Path(home) / ".codex")
-        script = 'mkdir -p "$1" "$2" && if [ -n "$3" ]; then chown "$3" "$1" "$2"; fi'
-        # As root when a user is named: the home may not exist yet and root must create it.
-        result = await sandbox.exec(
-            ["sh", "-c", script, "sh", home, config_dir, user or ""],
-            user="0" if user else None,
-            timeout=PREPARE_TIMEOUT_S,
-        )
-        if not result.ok:
-            detail = result.stderr.decode("utf-8", "replace").strip()
-            raise BackendError(f"codex: could not create HOME {home} for user {user or '(default)'}: {detail}")
         # 0600: MCP server entries may carry tokens in their env.
-        await sandbox.put_file(profile_path(home), profile.encode("utf-8"), mode=0o600, user=user)
+        file = WriteFile(path=profile_path(home), data=profile.encode("utf-8"), mode=0o600)
+        return SandboxSetup(backend=self.name, home=home, directories=[str(Path(home) / ".codex")], files=[file])
 
 
 def profile_path(home: str) -> str:

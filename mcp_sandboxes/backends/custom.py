@@ -50,7 +50,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from mcp_sandboxes.backends import _kit
 from mcp_sandboxes.backends.base import AgentSpec, Command, Turn, TurnResult, argument
 from mcp_sandboxes.config import BackendSettings
-from mcp_sandboxes.errors import BackendError, InvalidInputError
+from mcp_sandboxes.errors import InvalidInputError
 from mcp_sandboxes.events import (
     EVENT_TYPES,
     AgentMessage,
@@ -64,12 +64,10 @@ from mcp_sandboxes.events import (
     Usage,
     parse_event,
 )
-from mcp_sandboxes.providers.base import Sandbox
-from mcp_sandboxes.specs import Mount
+from mcp_sandboxes.specs import Mount, SandboxSetup, SetupFile, WriteFile
 
 NAME = "custom"
 MCP_CONFIG_PATH = ".mcp-sandboxes/custom-mcp.json"
-PREPARE_TIMEOUT_S = 30.0
 # Linux refuses one argv element of 128 KiB or more (MAX_ARG_STRLEN, its NUL included).
 MAX_ARGUMENT_BYTES = 128 * 1024
 NATIVE_ID_TYPE = "session.native_id"
@@ -299,23 +297,15 @@ class CustomBackend:
     def mounts(self) -> list[Mount]:
         return []
 
-    async def prepare(self, sandbox: Sandbox, agent: AgentSpec, *, home: str, user: str | None) -> None:
+    def setup(self, agent: AgentSpec, *, home: str) -> SandboxSetup:
         self.select(agent.model)  # a model naming nothing fails the spawn, before any turn runs
-        config_dir = str(Path(home) / Path(MCP_CONFIG_PATH).parent)
-        script = 'mkdir -p "$1" "$2" && if [ -n "$3" ]; then chown "$3" "$1" "$2"; fi'
-        # As root when a user is named: the home may not exist yet and root must create it.
-        result = await sandbox.exec(
-            ["sh", "-c", script, "sh", home, config_dir, user or ""],
-            user="0" if user else None,
-            timeout=PREPARE_TIMEOUT_S,
-        )
-        if not result.ok:
-            detail = result.stderr.decode("utf-8", "replace").strip()
-            raise BackendError(f"custom: could not create HOME {home} for user {user or '(default)'}: {detail}")
+        files: list[SetupFile] = []
         if agent.mcp_servers:
             data = json.dumps({"mcpServers": agent.mcp_servers}, indent=2).encode()
             # 0600: server entries may carry tokens in their env.
-            await sandbox.put_file(mcp_config_path(home), data, mode=0o600, user=user)
+            files.append(WriteFile(path=mcp_config_path(home), data=data, mode=0o600))
+        config_dir = str(Path(home) / Path(MCP_CONFIG_PATH).parent)
+        return SandboxSetup(backend=self.name, home=home, directories=[config_dir], files=files)
 
 
 def _profile(data: dict[str, Any], where: str) -> CommandProfile:

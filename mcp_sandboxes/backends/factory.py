@@ -29,7 +29,7 @@ from typing import Any, Literal
 from mcp_sandboxes.backends import _kit
 from mcp_sandboxes.backends.base import AgentSpec, Command, Turn, TurnResult, argument
 from mcp_sandboxes.config import BackendSettings
-from mcp_sandboxes.errors import BackendError, InvalidInputError
+from mcp_sandboxes.errors import InvalidInputError
 from mcp_sandboxes.events import (
     AgentMcpToolResult,
     AgentMcpToolUse,
@@ -45,8 +45,7 @@ from mcp_sandboxes.events import (
     TextBlock,
     Usage,
 )
-from mcp_sandboxes.providers.base import Sandbox
-from mcp_sandboxes.specs import Mount
+from mcp_sandboxes.specs import Mount, SandboxSetup, SetupFile, WriteFile
 
 NAME = "factory"
 CLI_TARGET = "/usr/local/bin/droid"
@@ -54,7 +53,6 @@ CLI_TARGET = "/usr/local/bin/droid"
 # settings go elsewhere and are named with --settings, so a settings.json of the image survives.
 MCP_CONFIG_PATH = ".factory/mcp.json"
 SETTINGS_PATH = ".mcp-sandboxes/factory-settings.json"
-PREPARE_TIMEOUT_S = 30.0
 API_KEY_VAR = "FACTORY_API_KEY"
 ResumeMode = Literal["auto", "session", "fork"]
 RESUME_MODES: tuple[ResumeMode, ...] = ("auto", "session", "fork")
@@ -160,26 +158,17 @@ class FactoryBackend:
             executable=self.executable,
         )
 
-    async def prepare(self, sandbox: Sandbox, agent: AgentSpec, *, home: str, user: str | None) -> None:
+    def setup(self, agent: AgentSpec, *, home: str) -> SandboxSetup:
         dirs = [str(Path(home) / Path(MCP_CONFIG_PATH).parent), str(Path(home) / Path(SETTINGS_PATH).parent)]
-        script = (
-            'home="$1"; user="$2"; shift 2; mkdir -p "$home" "$@"'
-            ' && if [ -n "$user" ]; then chown "$user" "$home" "$@"; fi'
-        )
-        # As root when a user is named: the home may not exist yet and root must create it.
-        result = await sandbox.exec(
-            ["sh", "-c", script, "sh", home, user or "", *dirs], user="0" if user else None, timeout=PREPARE_TIMEOUT_S
-        )
-        if not result.ok:
-            detail = result.stderr.decode("utf-8", "replace").strip()
-            raise BackendError(f"factory: could not create HOME {home} for user {user or '(default)'}: {detail}")
         # 0600 for both: MCP entries may carry tokens in their env, settings may carry API keys.
+        files: list[SetupFile] = []
         if agent.mcp_servers:
             data = json.dumps({"mcpServers": droid_mcp_servers(agent.mcp_servers)}, indent=2).encode()
-            await sandbox.put_file(mcp_config_path(home), data, mode=0o600, user=user)
+            files.append(WriteFile(path=mcp_config_path(home), data=data, mode=0o600))
         if self.droid_settings:
             data = json.dumps(self.droid_settings, indent=2).encode()
-            await sandbox.put_file(settings_path(home), data, mode=0o600, user=user)
+            files.append(WriteFile(path=settings_path(home), data=data, mode=0o600))
+        return SandboxSetup(backend=self.name, home=home, directories=dirs, files=files)
 
 
 def mcp_config_path(home: str) -> str:

@@ -6,7 +6,7 @@ the previous turn's `init` line reported (0.61.0 resumes by UUID in headless mod
 `latest` or an index). Conversations live under `$HOME/.gemini/tmp/<project hash>/chats`,
 keyed by the working directory, so HOME and the workdir stay fixed for a session.
 
-Configuration goes into the user settings file `$HOME/.gemini/settings.json`, which `prepare`
+Configuration goes into the user settings file `$HOME/.gemini/settings.json`, which `setup`
 merges into (what the image put there stays unless a key is ours). Its system settings file
 would override without merging, but the CLI skips one that is not root-owned in root-owned,
 not world-writable directories, which a per-session home is not. The settings select
@@ -41,7 +41,7 @@ from typing import Any
 from mcp_sandboxes.backends import _kit
 from mcp_sandboxes.backends.base import AgentSpec, Command, RetryIf, Turn, TurnResult, argument
 from mcp_sandboxes.config import BackendSettings
-from mcp_sandboxes.errors import BackendError, InvalidInputError
+from mcp_sandboxes.errors import InvalidInputError
 from mcp_sandboxes.events import (
     AgentMcpToolResult,
     AgentMcpToolUse,
@@ -56,18 +56,19 @@ from mcp_sandboxes.events import (
     TextBlock,
     Usage,
 )
-from mcp_sandboxes.providers.base import Sandbox
-from mcp_sandboxes.specs import Mount
+from mcp_sandboxes.specs import DeepMerge, JsonMerge, Mount, SandboxSetup, SetupFile, WriteFile
 
 NAME = "gemini"
 # With `cli_path` set, the CLI's npm package directory (its bundle imports sibling files and
 # reads its package.json) is mounted here read-only; the image must provide node.
 CLI_MOUNT_DIR = "/opt/mcp-sandboxes/gemini-cli"
-# Relative to the agent's HOME; merged into by `prepare`.
+# Relative to the agent's HOME; merged into by `setup`.
 SETTINGS_PATH = ".gemini/settings.json"
 # A global context file: the CLI appends it to its system instruction.
 SYSTEM_PROMPT_PATH = ".gemini/MCP-SANDBOXES.md"
-PREPARE_TIMEOUT_S = 30.0
+# Ours over the settings already there, key by key; an MCP server of ours replaces one of the
+# same name whole (a stdio entry from the image mixed with our URL would be neither).
+SETTINGS_MERGE = DeepMerge(whole_entries_under=(("mcpServers",),))
 
 # spawn_agent's (Claude-named) permission modes -> Gemini CLI approval modes. Headless Gemini
 # cannot ask, so a tool that needs approval is refused; no mode means yolo, as the sandbox
@@ -178,8 +179,12 @@ class GeminiBackend:
         return [Mount(source=str(root), target=CLI_MOUNT_DIR, read_only=True)]
 
     def settings_document(self, agent: AgentSpec, existing: Mapping[str, Any] | None = None) -> dict[str, Any]:
-        """The settings file for `agent`: `existing` settings, then what a headless, sandboxed
-        CLI needs, then the configured extra settings, then the agent's MCP servers and limits."""
+        """The settings file for `agent` over `existing` settings: what `setup`'s merge writes."""
+        return SETTINGS_MERGE.apply(existing or {}, self.own_settings(agent))
+
+    def own_settings(self, agent: AgentSpec) -> dict[str, Any]:
+        """Our settings for `agent`: what a headless, sandboxed CLI needs, then the configured
+        extra settings, then the agent's MCP servers and limits."""
         auth = "vertex-ai" if self._env.get("GOOGLE_GENAI_USE_VERTEXAI", "").lower() == "true" else "gemini-api-key"
         required: dict[str, Any] = {
             "security": {"auth": {"selectedType": auth}, "folderTrust": {"enabled": False}},
@@ -188,7 +193,7 @@ class GeminiBackend:
             "general": {"enableAutoUpdate": False, "enableAutoUpdateNotification": False},
             "ide": {"enabled": False},
         }
-        document = _deep_merge(_deep_merge(dict(existing or {}), required), self._extra_settings)
+        document = _deep_merge(required, self._extra_settings)
         if agent.mcp_servers:
             servers = {name: gemini_mcp_server(name, spec) for name, spec in agent.mcp_servers.items()}
             document["mcpServers"] = {**(document.get("mcpServers") or {}), **servers}
@@ -198,37 +203,17 @@ class GeminiBackend:
             document = _deep_merge(document, {"context": {"fileName": ["GEMINI.md", Path(SYSTEM_PROMPT_PATH).name]}})
         return document
 
-    async def prepare(self, sandbox: Sandbox, agent: AgentSpec, *, home: str, user: str | None) -> None:
-        config_dir = str(Path(home) / Path(SETTINGS_PATH).parent)
-        # Creates HOME and ~/.gemini, then prints the settings already there (if any).
-        script = (
-            'mkdir -p "$1" "$2" && if [ -n "$3" ]; then chown "$3" "$1" "$2"; fi && if [ -f "$4" ]; then cat "$4"; fi'
-        )
-        # As root when a user is named: the home may not exist yet and root must create it.
-        result = await sandbox.exec(
-            ["sh", "-c", script, "sh", home, config_dir, user or "", settings_path(home)],
-            user="0" if user else None,
-            timeout=PREPARE_TIMEOUT_S,
-        )
-        if not result.ok:
-            detail = result.stderr.decode("utf-8", "replace").strip()
-            raise BackendError(f"gemini: could not create HOME {home} for user {user or '(default)'}: {detail}")
-        data = json.dumps(self.settings_document(agent, _json_object(result.stdout)), indent=2).encode()
-        # 0600: MCP server entries may carry tokens in their env or headers.
-        await sandbox.put_file(settings_path(home), data, mode=0o600, user=user)
+    def setup(self, agent: AgentSpec, *, home: str) -> SandboxSetup:
+        # Merged into the settings the image may have put there (a file the CLI also reads with
+        # comments, or a broken one, is replaced rather than guessed at). 0600: MCP server
+        # entries may carry tokens in their env or headers.
+        settings = JsonMerge(path=settings_path(home), document=self.own_settings(agent), merge=SETTINGS_MERGE)
+        files: list[SetupFile] = [settings]
         if agent.system_prompt:
             prompt = agent.system_prompt.encode("utf-8")
-            await sandbox.put_file(str(Path(home) / SYSTEM_PROMPT_PATH), prompt, mode=0o600, user=user)
-
-
-def _json_object(raw: bytes) -> dict[str, Any]:
-    """Settings found in the sandbox, if they are a JSON object. The CLI also takes comments
-    in the file; such a file (or a broken one) is replaced rather than guessed at."""
-    try:
-        data = json.loads(raw.decode("utf-8")) if raw.strip() else {}
-    except ValueError:
-        return {}
-    return data if isinstance(data, dict) else {}
+            files.append(WriteFile(path=str(Path(home) / SYSTEM_PROMPT_PATH), data=prompt, mode=0o600))
+        config_dir = str(Path(home) / Path(SETTINGS_PATH).parent)
+        return SandboxSetup(backend=self.name, home=home, directories=[config_dir], files=files)
 
 
 def package_layout(cli_path: str) -> tuple[Path, str]:

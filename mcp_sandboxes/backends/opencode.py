@@ -6,7 +6,7 @@ output line carries. OpenCode keeps its sessions in a SQLite database under
 `$XDG_DATA_HOME/opencode` and reads `$XDG_CONFIG_HOME/opencode/opencode.json`; HOME and the
 XDG directories are pinned to the session's fixed home so both survive between turns.
 
-`prepare` writes that config: the backend's `config` setting (OpenCode's own schema, e.g.
+`setup` writes that config: the backend's `config` setting (OpenCode's own schema, e.g.
 a `provider` for an OpenAI-compatible endpoint) merged with what the agent asked for (MCP
 servers, allowed tools, step limit, system prompt as an instruction file) and with no
 autoupdate or sharing. It also marks the config directory's npm dependencies as installed:
@@ -31,7 +31,7 @@ from typing import Any
 from mcp_sandboxes.backends import _kit
 from mcp_sandboxes.backends.base import AgentSpec, Command, Turn, TurnResult, argument
 from mcp_sandboxes.config import BackendSettings
-from mcp_sandboxes.errors import BackendError, InvalidInputError
+from mcp_sandboxes.errors import InvalidInputError
 from mcp_sandboxes.events import (
     AgentMcpToolResult,
     AgentMcpToolUse,
@@ -47,8 +47,7 @@ from mcp_sandboxes.events import (
     TextBlock,
     Usage,
 )
-from mcp_sandboxes.providers.base import Sandbox
-from mcp_sandboxes.specs import Mount
+from mcp_sandboxes.specs import Mount, SandboxSetup, SetupFile, WriteFile
 
 NAME = "opencode"
 CLI_TARGET = "/usr/local/bin/opencode"
@@ -56,7 +55,6 @@ CLI_TARGET = "/usr/local/bin/opencode"
 CONFIG_DIR = ".config/opencode"
 CONFIG_FILE = "opencode.json"
 INSTRUCTIONS_FILE = "mcp-sandboxes-system-prompt.md"
-PREPARE_TIMEOUT_S = 30.0
 # `opencode run` auto-approves permission requests with --auto (older names: --yolo,
 # --dangerously-skip-permissions); without it, requests the config leaves at "ask" are rejected.
 _AUTO_MODES = frozenset({"auto", "bypassPermissions"})
@@ -87,7 +85,7 @@ class OpencodeBackend:
         self.cli_path = cli_path
         self._env = dict(env or {})
         self._config = dict(config or {})
-        # MCP server names of every agent this backend prepared or ran: OpenCode names an MCP
+        # MCP server names of every agent this backend set up or ran: OpenCode names an MCP
         # tool `<server>_<tool>` and prints nothing else that tells it from a built-in tool.
         self._mcp_servers: set[str] = set()
 
@@ -95,7 +93,7 @@ class OpencodeBackend:
     def from_settings(cls, settings: BackendSettings, environ: Mapping[str, str]) -> OpencodeBackend:
         """`pass_env` names host variables handed over when set; the fixed `env` table wins
         over them. The extra `config` table is OpenCode config (opencode.json) merged into
-        what `prepare` writes; it may name variables as `{env:NAME}`, which OpenCode fills in."""
+        what `setup` writes; it may name variables as `{env:NAME}`, which OpenCode fills in."""
         env = _kit.host_env(settings.pass_env, settings.env, environ)
         config = (settings.model_extra or {}).get("config") or {}
         if not isinstance(config, dict):
@@ -139,7 +137,7 @@ class OpencodeBackend:
         )
 
     def config_for(self, agent: AgentSpec, *, home: str) -> dict[str, Any]:
-        """The opencode.json `prepare` writes for `agent`."""
+        """The opencode.json `setup` writes for `agent`."""
         _auto_approves(agent.permission_mode)  # rejects unknown modes before anything runs
         config = _merge(self._config, {"autoupdate": False, "share": "disabled"})
         if agent.model:
@@ -158,30 +156,25 @@ class OpencodeBackend:
             config["instructions"] = [*config.get("instructions", []), instructions_path(home)]
         return config
 
-    async def prepare(self, sandbox: Sandbox, agent: AgentSpec, *, home: str, user: str | None) -> None:
+    def setup(self, agent: AgentSpec, *, home: str) -> SandboxSetup:
         self._mcp_servers.update(agent.mcp_servers)
         config = self.config_for(agent, home=home)
-        config_dir = str(Path(home) / CONFIG_DIR)
-        script = (
-            'set -e; mkdir -p "$1" "$2/node_modules"; '
-            '[ -e "$2/package-lock.json" ] || printf "%s" "$4" > "$2/package-lock.json"; '
-            'if [ -n "$3" ]; then chown "$3" "$1" "$1/.config" "$2" "$2/node_modules" "$2/package-lock.json"; fi'
-        )
-        lock = json.dumps(_PLUGIN_LOCK)
-        # As root when a user is named: the home may not exist yet and root must create it.
-        result = await sandbox.exec(
-            ["sh", "-c", script, "sh", home, config_dir, user or "", lock],
-            user="0" if user else None,
-            timeout=PREPARE_TIMEOUT_S,
-        )
-        if not result.ok:
-            detail = result.stderr.decode("utf-8", "replace").strip()
-            raise BackendError(f"opencode: could not create HOME {home} for user {user or '(default)'}: {detail}")
-        # 0600: MCP server entries may carry tokens in their environment.
-        data = json.dumps(config, indent=2).encode()
-        await sandbox.put_file(config_path(home), data, mode=0o600, user=user)
+        config_dir = Path(home) / CONFIG_DIR
+        files: list[SetupFile] = [
+            # The image's own lock (its plugins) stays.
+            WriteFile(
+                path=str(config_dir / "package-lock.json"),
+                data=json.dumps(_PLUGIN_LOCK).encode(),
+                mode=0o644,
+                keep_existing=True,
+            ),
+            # 0600: MCP server entries may carry tokens in their environment.
+            WriteFile(path=config_path(home), data=json.dumps(config, indent=2).encode(), mode=0o600),
+        ]
         if agent.system_prompt:
-            await sandbox.put_file(instructions_path(home), agent.system_prompt.encode(), mode=0o600, user=user)
+            files.append(WriteFile(path=instructions_path(home), data=agent.system_prompt.encode(), mode=0o600))
+        directories = [str(Path(home) / ".config"), str(config_dir), str(config_dir / "node_modules")]
+        return SandboxSetup(backend=self.name, home=home, directories=directories, files=files)
 
 
 def config_path(home: str) -> str:

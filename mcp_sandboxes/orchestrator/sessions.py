@@ -27,6 +27,7 @@ from mcp_sandboxes.orchestrator.environments import EnvironmentService
 from mcp_sandboxes.orchestrator.journal import EventJournal
 from mcp_sandboxes.orchestrator.providers import ProviderPool
 from mcp_sandboxes.orchestrator.reads import SessionReads
+from mcp_sandboxes.orchestrator.setup import apply_setup
 from mcp_sandboxes.orchestrator.subagents import (
     REDACTED_AUTHORIZATION,
     SERVER_NAME,
@@ -181,7 +182,9 @@ class SessionService:
                 env.workspace, session_id, self._settings.workspaces
             )
             await self._run_setup(sandbox, env.setup_commands, made_by_agent=env.created_by_session is not None)
-            await backend.prepare(sandbox, prepared_agent, home=self._workers.home_of(sandbox), user=spec.user)
+            await apply_setup(
+                sandbox, backend.setup(prepared_agent, home=self._workers.home_of(sandbox)), user=spec.user
+            )
             now = utc_now()
             await self._db.insert_session(
                 SessionRecord(

@@ -1,7 +1,8 @@
 """What the host-run real-CLI backend tests share: a stand-in sandbox that is this host (for
-`prepare()`), one turn of a backend's argv run as a host subprocess with its stdout fed through
-the backend's translator, and the Turn/HOME/workdir plumbing around it. What differs per CLI
-(binary, timeout, extra environment, a wrapper such as strace, how to interrupt) is a parameter."""
+`apply_setup()` of a backend's `setup()`), one turn of a backend's argv run as a host subprocess
+with its stdout fed through the backend's translator, and the Turn/HOME/workdir plumbing around
+it. What differs per CLI (binary, timeout, extra environment, a wrapper such as strace, how to
+interrupt) is a parameter."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from mcp_sandboxes.providers.base import ExecResult, ExecStream, LineSplitter
 
 
 class HostSandbox:
-    """Runs prepare()'s commands on this host for real (as root here), files in real paths."""
+    """Runs apply_setup()'s commands on this host for real (as root here), files in real paths."""
 
     id = "host"
     provider = "host"
@@ -39,7 +40,7 @@ class HostSandbox:
         user: str | None = None,
         timeout: float | None = 30.0,  # noqa: ASYNC109 - the Sandbox protocol's signature
     ) -> ExecResult:
-        assert user in (None, "0"), "prepare only runs commands as root or the default user"
+        assert user in (None, "0"), "apply_setup only runs commands as root or the default user"
         with anyio.fail_after(timeout):
             done = await anyio.run_process(argv, input=stdin, cwd=cwd, check=False)
         return ExecResult(exit_code=done.returncode, stdout=done.stdout, stderr=done.stderr)
@@ -152,7 +153,7 @@ def of_type(events: list[Event], kind: type[T]) -> list[T]:
 
 
 def home_and_work(tmp_path: Path) -> tuple[Path, Path]:
-    """A fresh HOME (left for prepare() to create) and an existing workdir under the test's tmp."""
+    """A fresh HOME (left for apply_setup() to create) and an existing workdir under the test's tmp."""
     home, work = tmp_path / "home", tmp_path / "work"
     work.mkdir()
     return home, work

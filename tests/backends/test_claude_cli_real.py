@@ -1,5 +1,5 @@
 """ClaudeBackend with the real Claude Code CLI on this host (no container): the argv from
-`command()`, the files from `prepare()`, stdout through `ClaudeTranslator`, the model
+`command()`, the files from `setup()`, stdout through `ClaudeTranslator`, the model
 served by the scripted server on loopback."""
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from mcp_sandboxes.events import (
     Event,
     SessionError,
 )
+from mcp_sandboxes.orchestrator.setup import apply_setup
 from tests.backends import cli_harness
 from tests.backends.cli_harness import HostSandbox, Outcome, home_and_work, make_turn, of_type, user_ids
 from tests.conftest import ROOT
@@ -93,7 +94,7 @@ async def test_a_bash_turn_writes_a_file_and_a_resumed_turn_carries_the_history(
     server.script.on(tool_result_contains="real-proof", reply=Reply(text="DONE-1: wrote the file"))
     server.script.on(user_contains="SECOND-TASK", reply=Reply(text="DONE-2: remembered"))
     backend = make_backend(server)
-    await backend.prepare(HostSandbox(), BASH_AGENT, home=str(dirs[0]), user=None)
+    await apply_setup(HostSandbox(), backend.setup(BASH_AGENT, home=str(dirs[0])), user=None)
 
     first = await run_turn(backend, make_turn(BASH_AGENT, "FIRST-TASK: write the file", dirs), claude_bin)
     assert (dirs[1] / "made-by-claude.txt").read_text() == "real-proof\n"
@@ -164,7 +165,7 @@ async def test_a_run_that_lost_the_clis_stdin_race_is_run_again_before_any_model
     assert len(server.requests_containing("RACE-PROMPT")) == 1
 
 
-async def test_mcp_servers_written_by_prepare_reach_the_real_cli(
+async def test_mcp_servers_written_by_setup_reach_the_real_cli(
     server: ScriptedModelServer, dirs: tuple[Path, Path], claude_bin: Path
 ) -> None:
     server.script.on(user_contains="ADD", reply=Reply(tool_calls=[ToolCall("mcp__calc__add", {"a": 2, "b": 40})]))
@@ -176,7 +177,7 @@ async def test_mcp_servers_written_by_prepare_reach_the_real_cli(
         mcp_servers={"calc": {"command": sys.executable, "args": [str(RECORDER), "--mcp-server"]}},
     )
     backend = make_backend(server)
-    await backend.prepare(HostSandbox(), agent, home=str(dirs[0]), user=None)
+    await apply_setup(HostSandbox(), backend.setup(agent, home=str(dirs[0])), user=None)
     outcome = await run_turn(backend, make_turn(agent, "ADD 2 and 40", dirs), claude_bin)
     use = of_type(outcome.events, AgentMcpToolUse)[0]
     assert (use.server_name, use.name) == ("calc", "add")
@@ -203,7 +204,7 @@ async def test_sigint_during_a_tool_ends_the_turn_as_interrupted(
     assert outcome.result.native_session_id
 
 
-# -- command(), settings, mounts, prepare ------------------------------------------------
+# -- command(), settings, mounts, setup -------------------------------------------------
 
 
 def test_the_first_turn_argv_env_and_stdin() -> None:
@@ -291,7 +292,7 @@ def test_the_registry_builds_claude_and_rejects_unknown_names() -> None:
         build_backend("nope", BackendSettings(), {})
 
 
-async def test_prepare_creates_a_home_owned_by_the_user_and_a_private_mcp_config(tmp_path: Path) -> None:
+async def test_setup_creates_a_home_owned_by_the_user_and_a_private_mcp_config(tmp_path: Path) -> None:
     if os.getuid() != 0:
         pytest.fail("this test checks chown and must run as root (CI and this machine do)")
     home = tmp_path / "agent-home"
@@ -299,7 +300,7 @@ async def test_prepare_creates_a_home_owned_by_the_user_and_a_private_mcp_config
     agent = AgentSpec(backend="claude", mcp_servers=servers)
     backend = ClaudeBackend()
     for _ in range(2):  # idempotent
-        await backend.prepare(HostSandbox(), agent, home=str(home), user="nobody")
+        await apply_setup(HostSandbox(), backend.setup(agent, home=str(home)), user="nobody")
     uid, _ = user_ids("nobody")
     config = home / ".mcp-sandboxes" / "claude-mcp.json"
     assert home.stat().st_uid == uid and config.parent.stat().st_uid == uid
@@ -307,15 +308,17 @@ async def test_prepare_creates_a_home_owned_by_the_user_and_a_private_mcp_config
     assert json.loads(config.read_text()) == {"mcpServers": servers}
     # Without MCP servers only HOME is made.
     bare_home = tmp_path / "bare"
-    await backend.prepare(HostSandbox(), AgentSpec(backend="claude"), home=str(bare_home), user=None)
+    await apply_setup(HostSandbox(), backend.setup(AgentSpec(backend="claude"), home=str(bare_home)), user=None)
     assert bare_home.is_dir() and not (bare_home / ".mcp-sandboxes" / "claude-mcp.json").exists()
 
 
-async def test_prepare_reports_a_home_it_cannot_create(tmp_path: Path) -> None:
+async def test_setup_reports_a_home_it_cannot_create(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
     with pytest.raises(BackendError, match=r"could not create HOME .*/file/home"):
-        await ClaudeBackend().prepare(HostSandbox(), AgentSpec(backend="claude"), home=str(blocker / "home"), user=None)
+        await apply_setup(
+            HostSandbox(), ClaudeBackend().setup(AgentSpec(backend="claude"), home=str(blocker / "home")), user=None
+        )
 
 
 def test_the_cli_is_the_pinned_version(claude_bin: Path) -> None:

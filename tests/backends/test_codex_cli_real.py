@@ -1,5 +1,5 @@
 """CodexBackend with the real Codex CLI on this host (no container): the argv from
-`command()`, the profile from `prepare()`, stdout through the backend's translator, the model
+`command()`, the profile from `setup()`, stdout through the backend's translator, the model
 served by the scripted Responses API server on loopback."""
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ from mcp_sandboxes.events import (
     Event,
     SessionError,
 )
+from mcp_sandboxes.orchestrator.setup import apply_setup
 from tests.backends import cli_harness
 from tests.backends.cli_harness import HostSandbox, Outcome, home_and_work, make_turn, of_type
 from tests.conftest import AGENT_CLIS, ROOT
@@ -103,7 +104,7 @@ AGENT = AgentSpec(backend="codex", model=MODEL, system_prompt="DEVELOPER-INSTRUC
 
 async def prepared(server: ScriptedModelServer, agent: AgentSpec, dirs: tuple[Path, Path]) -> CodexBackend:
     backend = make_backend(server)
-    await backend.prepare(HostSandbox(), agent, home=str(dirs[0]), user=None)
+    await apply_setup(HostSandbox(), backend.setup(agent, home=str(dirs[0])), user=None)
     return backend
 
 
@@ -166,7 +167,7 @@ async def test_a_prompt_on_stdin_may_be_huge_and_start_with_a_dash(
     assert server.requests_containing("x" * 300_000)
 
 
-async def test_mcp_servers_written_by_prepare_reach_the_real_cli(
+async def test_mcp_servers_written_by_setup_reach_the_real_cli(
     server: ScriptedModelServer, dirs: tuple[Path, Path], codex_bin: Path
 ) -> None:
     # Codex offers MCP tools through its tool_search; a server still starting finds nothing yet.
@@ -239,7 +240,7 @@ async def test_the_native_binary_the_mount_points_at_runs_a_turn_on_its_own(
     assert outcome.result.final_text == "native ok" and outcome.exit_code == 0
 
 
-# -- command(), settings, mounts, prepare ------------------------------------------------
+# -- command(), settings, mounts, setup -------------------------------------------------
 
 
 def test_the_first_turn_argv_env_and_stdin() -> None:
@@ -319,7 +320,7 @@ def owned_private_toml(home: Path, path: str, uid: int) -> dict[str, Any]:
     return tomllib.loads(profile.read_text())
 
 
-async def test_prepare_writes_a_private_profile_owned_by_the_user(tmp_path: Path) -> None:
+async def test_setup_writes_a_private_profile_owned_by_the_user(tmp_path: Path) -> None:
     if os.getuid() != 0:
         pytest.fail("this test checks chown and must run as root (CI and this machine do)")
     home = tmp_path / "agent-home"
@@ -330,7 +331,7 @@ async def test_prepare_writes_a_private_profile_owned_by_the_user(tmp_path: Path
     agent = AgentSpec(backend="codex", system_prompt='be "careful"\nand brief', mcp_servers=servers)
     backend = CodexBackend(env={"OPENAI_BASE_URL": "http://127.0.0.1:9/v1"})
     for _ in range(2):  # idempotent
-        await backend.prepare(HostSandbox(), agent, home=str(home), user="nobody")
+        await apply_setup(HostSandbox(), backend.setup(agent, home=str(home)), user="nobody")
     config = owned_private_toml(home, profile_path(str(home)), pwd.getpwnam("nobody").pw_uid)
     assert config["developer_instructions"] == 'be "careful"\nand brief'
     assert config["model_provider"] == "mcp_sandboxes"
@@ -361,11 +362,13 @@ def test_bad_mcp_server_entries_name_the_field() -> None:
         profile_toml(AgentSpec(backend="codex", mcp_servers={"x": {"args": []}}), base_url=None)
 
 
-async def test_prepare_reports_a_home_it_cannot_create(tmp_path: Path) -> None:
+async def test_setup_reports_a_home_it_cannot_create(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
     with pytest.raises(BackendError, match=r"codex: could not create HOME .*/file/home"):
-        await CodexBackend().prepare(HostSandbox(), AgentSpec(backend="codex"), home=str(blocker / "home"), user=None)
+        await apply_setup(
+            HostSandbox(), CodexBackend().setup(AgentSpec(backend="codex"), home=str(blocker / "home")), user=None
+        )
 
 
 def test_the_cli_is_the_pinned_version(codex_bin: Path) -> None:

@@ -36,6 +36,7 @@ from mcp_sandboxes.events import (
     Usage,
     parse_event,
 )
+from mcp_sandboxes.orchestrator.setup import apply_setup
 from tests.backends.test_factory_cli_real import HostSandbox
 
 ECHO_ARGV = [sys.executable, "-c", "import json, sys; print(json.dumps(sys.argv[1:]))"]
@@ -236,16 +237,18 @@ def test_profiles_only_require_a_profile_name() -> None:
         backend.command(turn_of("p", model="gpt"))
 
 
-async def test_prepare_checks_the_model_and_writes_a_private_mcp_config(tmp_path: Path) -> None:
+async def test_setup_checks_the_model_and_writes_a_private_mcp_config(tmp_path: Path) -> None:
     backend = backend_of(profiles={"a": {"argv": ["a", "{prompt}"]}})
     servers = {"calc": {"command": "calc", "env": {"TOKEN": "t"}}}
     agent = AgentSpec(backend="custom", model="a", mcp_servers=servers)
-    await backend.prepare(HostSandbox(), agent, home=str(tmp_path / "home"), user=None)
+    await apply_setup(HostSandbox(), backend.setup(agent, home=str(tmp_path / "home")), user=None)
     config = tmp_path / "home" / ".mcp-sandboxes" / "custom-mcp.json"
     assert json.loads(config.read_text()) == {"mcpServers": servers}
     assert stat.S_IMODE(config.stat().st_mode) == 0o600
     with pytest.raises(InvalidInputError, match="names no custom profile"):
-        await backend.prepare(HostSandbox(), AgentSpec(backend="custom", model="b"), home=str(tmp_path), user=None)
+        await apply_setup(
+            HostSandbox(), backend.setup(AgentSpec(backend="custom", model="b"), home=str(tmp_path)), user=None
+        )
     assert backend.mounts() == []
 
 

@@ -1,5 +1,5 @@
 """FactoryBackend with the real droid CLI on this host (no container): the argv from
-`command()`, the files from `prepare()`, stdout through `FactoryTranslator`, the model a BYOK
+`command()`, the files from `setup()`, stdout through `FactoryTranslator`, the model a BYOK
 custom model served by the scripted server on loopback. No Factory account is involved."""
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from mcp_sandboxes.events import (
     Event,
     SessionError,
 )
+from mcp_sandboxes.orchestrator.setup import apply_setup
 from tests.backends import cli_harness
 from tests.backends.cli_harness import HostSandbox as HostSandbox  # test_custom_backend imports it from here
 from tests.backends.cli_harness import Outcome, home_and_work, make_turn, of_type
@@ -113,7 +114,7 @@ async def test_an_execute_turn_writes_a_file_and_a_forked_turn_carries_the_histo
     server.script.on(tool_result_contains="real-proof", reply=Reply(thinking="it worked", text="DONE-1: wrote it"))
     server.script.on(user_contains="SECOND-TASK", reply=Reply(text="DONE-2: remembered"))
     backend = make_backend(server)
-    await backend.prepare(HostSandbox(), BYPASS, home=str(dirs[0]), user=None)
+    await apply_setup(HostSandbox(), backend.setup(BYPASS, home=str(dirs[0])), user=None)
 
     first = await run_turn(backend, make_turn(BYPASS, "FIRST-TASK: write the file", dirs))
     assert (dirs[1] / "made-by-droid.txt").read_text() == "real-proof\n"
@@ -155,13 +156,13 @@ async def test_a_prompt_on_stdin_may_be_huge_and_start_with_a_dash(
     prompt = "--version -s DASH-PROMPT " + "x" * 200_000
     server.script.on(user_contains="--version -s DASH-PROMPT", reply=Reply(text="DASH-OK"))
     backend = make_backend(server)
-    await backend.prepare(HostSandbox(), BYPASS, home=str(dirs[0]), user=None)
+    await apply_setup(HostSandbox(), backend.setup(BYPASS, home=str(dirs[0])), user=None)
     outcome = await run_turn(backend, make_turn(BYPASS, prompt, dirs))
     assert outcome.result.final_text == "DASH-OK", outcome.events
     assert server.requests_containing("x" * 200_000)
 
 
-async def test_mcp_servers_written_by_prepare_reach_the_real_cli(
+async def test_mcp_servers_written_by_setup_reach_the_real_cli(
     server: ScriptedModelServer, dirs: tuple[Path, Path]
 ) -> None:
     # droid connects MCP servers in the background; the delayed reply lets `calc` register.
@@ -172,7 +173,7 @@ async def test_mcp_servers_written_by_prepare_reach_the_real_cli(
         update={"mcp_servers": {"calc": {"command": sys.executable, "args": [str(RECORDER), "--mcp-server"]}}}
     )
     backend = make_backend(server)
-    await backend.prepare(HostSandbox(), agent, home=str(dirs[0]), user=None)
+    await apply_setup(HostSandbox(), backend.setup(agent, home=str(dirs[0])), user=None)
     outcome = await run_turn(backend, make_turn(agent, "ADD 2 and 40", dirs))
     use = of_type(outcome.events, AgentMcpToolUse)[0]
     assert (use.server_name, use.name) == ("calc", "add")
@@ -190,7 +191,7 @@ async def test_sigint_during_a_tool_ends_the_turn_as_interrupted(
             process.send_signal(signal.SIGINT)
 
     backend = make_backend(server)
-    await backend.prepare(HostSandbox(), BYPASS, home=str(dirs[0]), user=None)
+    await apply_setup(HostSandbox(), backend.setup(BYPASS, home=str(dirs[0])), user=None)
     started = anyio.current_time()
     outcome = await run_turn(backend, make_turn(BYPASS, "LONG", dirs), interrupt_on_tool_use)
     assert anyio.current_time() - started < 30
@@ -207,14 +208,14 @@ async def test_the_default_read_only_autonomy_refuses_a_write(
     server.script.on(after_tool_result=True, reply=Reply(text="unreachable"), times=None)
     agent = AgentSpec(backend="factory", model=MODEL)
     backend = make_backend(server)
-    await backend.prepare(HostSandbox(), agent, home=str(dirs[0]), user=None)
+    await apply_setup(HostSandbox(), backend.setup(agent, home=str(dirs[0])), user=None)
     outcome = await run_turn(backend, make_turn(agent, "WRITE a file", dirs))
     assert not (dirs[1] / "refused.txt").exists()
     assert outcome.exit_code == 1 and outcome.result.stop_reason == "error"
     assert "insufficient permission" in (outcome.result.error or "")
 
 
-# -- command(), settings, mounts, prepare ------------------------------------------------
+# -- command(), settings, mounts, setup -------------------------------------------------
 
 
 def test_the_first_turn_argv_env_and_stdin() -> None:
@@ -309,7 +310,7 @@ def test_the_registry_builds_factory() -> None:
     assert isinstance(FactoryBackend().translator(), FactoryTranslator)
 
 
-async def test_prepare_writes_private_mcp_and_settings_files_owned_by_the_user(tmp_path: Path) -> None:
+async def test_setup_writes_private_mcp_and_settings_files_owned_by_the_user(tmp_path: Path) -> None:
     if os.getuid() != 0:
         pytest.fail("this test checks chown and must run as root (CI and this machine do)")
     home = tmp_path / "agent-home"
@@ -321,7 +322,7 @@ async def test_prepare_writes_private_mcp_and_settings_files_owned_by_the_user(t
     agent = AgentSpec(backend="factory", mcp_servers=servers)
     backend = FactoryBackend(droid_settings={"customModels": [{"model": "m", "apiKey": "secret"}]})
     for _ in range(2):  # idempotent
-        await backend.prepare(HostSandbox(), agent, home=str(home), user="nobody")
+        await apply_setup(HostSandbox(), backend.setup(agent, home=str(home)), user="nobody")
     uid = pwd.getpwnam("nobody").pw_uid
     mcp = home / ".factory" / "mcp.json"
     settings = home / ".mcp-sandboxes" / "factory-settings.json"
@@ -338,21 +339,21 @@ async def test_prepare_writes_private_mcp_and_settings_files_owned_by_the_user(t
     }
     assert json.loads(settings.read_text()) == backend.droid_settings
     bare = tmp_path / "bare"
-    await FactoryBackend().prepare(HostSandbox(), AgentSpec(backend="factory"), home=str(bare), user=None)
+    await apply_setup(HostSandbox(), FactoryBackend().setup(AgentSpec(backend="factory"), home=str(bare)), user=None)
     assert bare.is_dir() and not (bare / ".factory" / "mcp.json").exists()
     assert not (bare / ".mcp-sandboxes" / "factory-settings.json").exists()
 
 
-async def test_prepare_reports_a_home_it_cannot_create_and_bad_mcp_entries(tmp_path: Path) -> None:
+async def test_setup_reports_a_home_it_cannot_create_and_bad_mcp_entries(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
     with pytest.raises(BackendError, match=r"factory: could not create HOME .*/file/home"):
-        await FactoryBackend().prepare(
-            HostSandbox(), AgentSpec(backend="factory"), home=str(blocker / "home"), user=None
+        await apply_setup(
+            HostSandbox(), FactoryBackend().setup(AgentSpec(backend="factory"), home=str(blocker / "home")), user=None
         )
     bad = AgentSpec(backend="factory", mcp_servers={"x": "not-an-object"})
     with pytest.raises(InvalidInputError, match=r"mcp_servers\.x: must be an object"):
-        await FactoryBackend().prepare(HostSandbox(), bad, home=str(tmp_path / "h"), user=None)
+        await apply_setup(HostSandbox(), FactoryBackend().setup(bad, home=str(tmp_path / "h")), user=None)
 
 
 def test_the_cli_is_the_pinned_native_binary() -> None:

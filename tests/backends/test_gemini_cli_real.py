@@ -1,5 +1,5 @@
 """GeminiBackend with the real Gemini CLI on this host (no container): the argv and env from
-`command()`, the files from `prepare()`, stdout through `GeminiTranslator`, the model served
+`command()`, the files from `setup()`, stdout through `GeminiTranslator`, the model served
 by the scripted Gemini API server on loopback."""
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from mcp_sandboxes.events import (
     Event,
     SessionError,
 )
+from mcp_sandboxes.orchestrator.setup import apply_setup
 from tests.backends import cli_harness
 from tests.backends.cli_harness import HostSandbox, Outcome, home_and_work, make_turn, of_type, user_ids
 from tests.conftest import AGENT_CLIS, ROOT
@@ -90,7 +91,7 @@ def make_backend(server: ScriptedModelServer, extra: dict[str, Any] | None = Non
 
 async def prepared(server: ScriptedModelServer, agent: AgentSpec, dirs: tuple[Path, Path], **kw: Any) -> Backend:
     backend = make_backend(server, **kw)
-    await backend.prepare(HostSandbox(), agent, home=str(dirs[0]), user=None)
+    await apply_setup(HostSandbox(), backend.setup(agent, home=str(dirs[0])), user=None)
     return backend
 
 
@@ -214,7 +215,7 @@ async def test_a_cli_that_never_gets_its_prompt_fails_with_the_input_error_after
     assert not server.requests_containing("NEVER-SEEN")
 
 
-async def test_mcp_servers_written_by_prepare_reach_the_real_cli(
+async def test_mcp_servers_written_by_setup_reach_the_real_cli(
     server: ScriptedModelServer, dirs: tuple[Path, Path], gemini_bin: Path
 ) -> None:
     server.script.on(user_contains="ADD", reply=Reply(tool_calls=[ToolCall("mcp_calc_add", {"a": 2, "b": 40})]))
@@ -228,7 +229,7 @@ async def test_mcp_servers_written_by_prepare_reach_the_real_cli(
     assert "mcp_calc_add" in declared
 
 
-async def test_max_turns_from_prepare_stops_a_looping_agent(
+async def test_max_turns_from_setup_stops_a_looping_agent(
     server: ScriptedModelServer, dirs: tuple[Path, Path], gemini_bin: Path
 ) -> None:
     server.script.on(user_contains="LOOP", reply=Reply(tool_calls=[shell("echo again-1")]))
@@ -281,7 +282,7 @@ async def test_without_an_api_key_the_turn_fails_with_the_auth_exit_code(
     backend = build_backend(
         "gemini", BackendSettings(pass_env=["GOOGLE_GEMINI_BASE_URL"]), {"GOOGLE_GEMINI_BASE_URL": server.url}
     )
-    await backend.prepare(HostSandbox(), AGENT, home=str(dirs[0]), user=None)
+    await apply_setup(HostSandbox(), backend.setup(AGENT, home=str(dirs[0])), user=None)
     outcome = await run_turn(backend, make_turn(AGENT, "NO KEY", dirs), gemini_bin)
     assert outcome.exit_code == 41 and not server.requests
     error = of_type(outcome.events, SessionError)[0].error
@@ -293,7 +294,7 @@ def test_the_cli_is_the_pinned_version(gemini_bin: Path) -> None:
     assert version.strip() == "0.61.0"
 
 
-# -- command, settings, prepare and mounts ---------------------------------------------------
+# -- command, settings, setup and mounts ---------------------------------------------------
 
 
 def test_the_registry_builds_gemini_and_passes_only_named_variables() -> None:
@@ -398,7 +399,7 @@ def test_settings_that_are_not_a_table_are_refused() -> None:
         GeminiBackend.from_settings(BackendSettings.model_validate({"settings": "general.maxAttempts=1"}), {})
 
 
-async def test_prepare_merges_into_existing_settings_owned_by_the_user_and_private(tmp_path: Path) -> None:
+async def test_setup_merges_into_existing_settings_owned_by_the_user_and_private(tmp_path: Path) -> None:
     if os.getuid() != 0:
         pytest.fail("this test checks chown and must run as root (CI and this machine do)")
     home = tmp_path / "agent-home"
@@ -408,7 +409,7 @@ async def test_prepare_merges_into_existing_settings_owned_by_the_user_and_priva
     agent = AgentSpec(backend="gemini", mcp_servers=servers, system_prompt="EXTRA")
     backend = GeminiBackend()
     for _ in range(2):  # idempotent
-        await backend.prepare(HostSandbox(), agent, home=str(home), user="nobody")
+        await apply_setup(HostSandbox(), backend.setup(agent, home=str(home)), user="nobody")
     uid, _ = user_ids("nobody")
     settings = home / ".gemini" / "settings.json"
     assert home.stat().st_uid == uid and settings.parent.stat().st_uid == uid
@@ -418,15 +419,17 @@ async def test_prepare_merges_into_existing_settings_owned_by_the_user_and_priva
     assert (home / ".gemini" / "MCP-SANDBOXES.md").read_text() == "EXTRA"
     # A broken settings file is replaced, not left to fail the CLI.
     settings.write_text("{ not json")
-    await backend.prepare(HostSandbox(), AgentSpec(backend="gemini"), home=str(home), user=None)
+    await apply_setup(HostSandbox(), backend.setup(AgentSpec(backend="gemini"), home=str(home)), user=None)
     assert json.loads(settings.read_text())["security"]["auth"]["selectedType"] == "gemini-api-key"
 
 
-async def test_prepare_reports_a_home_it_cannot_create(tmp_path: Path) -> None:
+async def test_setup_reports_a_home_it_cannot_create(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
     with pytest.raises(BackendError, match=r"could not create HOME .*/file/home"):
-        await GeminiBackend().prepare(HostSandbox(), AgentSpec(backend="gemini"), home=str(blocker / "home"), user=None)
+        await apply_setup(
+            HostSandbox(), GeminiBackend().setup(AgentSpec(backend="gemini"), home=str(blocker / "home")), user=None
+        )
 
 
 def test_cli_path_mounts_the_npm_package_and_runs_its_entry_script(gemini_bin: Path) -> None:

@@ -1,5 +1,5 @@
 """OpencodeBackend with the real OpenCode CLI on this host (no container): the argv from
-`command()`, the files from `prepare()`, stdout through the backend's translator, the model
+`command()`, the files from `setup()`, stdout through the backend's translator, the model
 served by the scripted server (OpenAI Chat Completions) on loopback. Every run gets its own
 HOME, so OpenCode's config, session database and caches start empty."""
 
@@ -34,6 +34,7 @@ from mcp_sandboxes.events import (
     AgentToolUse,
     SessionError,
 )
+from mcp_sandboxes.orchestrator.setup import apply_setup
 from tests.backends import cli_harness
 from tests.backends.cli_harness import HostSandbox, Outcome, home_and_work, make_turn, of_type
 from tests.conftest import AGENT_CLIS, ROOT
@@ -88,8 +89,8 @@ async def run_turn(
     prefix: list[str] | None = None,
     interrupt_after_step_start_s: float | None = None,
 ) -> Outcome:
-    """prepare() then one turn; `prefix` wraps the CLI (e.g. strace)."""
-    await backend.prepare(HostSandbox(), turn.agent, home=turn.home, user=None)
+    """setup() applied, then one turn; `prefix` wraps the CLI (e.g. strace)."""
+    await apply_setup(HostSandbox(), backend.setup(turn.agent, home=turn.home), user=None)
     pending = interrupt_after_step_start_s
 
     async def interrupt_once_a_step_started(line: str, process: anyio.abc.Process) -> None:
@@ -172,7 +173,7 @@ async def test_a_bash_turn_writes_a_file_and_a_resumed_turn_carries_the_history(
 async def test_the_cli_connects_to_nothing_but_the_model_server(
     server: ScriptedModelServer, dirs: tuple[Path, Path], opencode_bin: Path, tmp_path: Path
 ) -> None:
-    """Without prepare()'s lock file OpenCode 1.18.33 npm-installs a plugin package from the
+    """Without setup()'s lock file OpenCode 1.18.33 npm-installs a plugin package from the
     registry on every start; with it, and default.toml's variables, it stays on loopback."""
     strace = shutil.which("strace")
     if strace is None:
@@ -207,7 +208,7 @@ async def test_a_prompt_on_stdin_may_be_huge_and_start_with_a_dash(
     assert server.requests_containing("x" * 300_000)
 
 
-async def test_mcp_servers_written_by_prepare_reach_the_real_cli(
+async def test_mcp_servers_written_by_setup_reach_the_real_cli(
     server: ScriptedModelServer, dirs: tuple[Path, Path], opencode_bin: Path
 ) -> None:
     server.script.on(user_contains="ADD", reply=Reply(tool_calls=[ToolCall("calc_add", {"a": 2, "b": 40})]))
@@ -303,7 +304,7 @@ async def test_an_api_error_ends_the_turn_with_the_api_message(
     assert outcome.result.stop_reason == "error"
 
 
-# -- command(), settings, config, mounts, prepare -------------------------------------------
+# -- command(), settings, config, mounts, setup --------------------------------------------
 
 
 def test_the_first_turn_argv_env_and_stdin() -> None:
@@ -423,7 +424,7 @@ def test_the_registry_builds_opencode() -> None:
     assert isinstance(build_backend("opencode", BackendSettings(), {}), OpencodeBackend)
 
 
-async def test_prepare_makes_a_home_owned_by_the_user_a_private_config_and_a_plugin_lock(tmp_path: Path) -> None:
+async def test_setup_makes_a_home_owned_by_the_user_a_private_config_and_a_plugin_lock(tmp_path: Path) -> None:
     if os.getuid() != 0:
         pytest.fail("this test checks chown and must run as root (CI and this machine do)")
     import pwd
@@ -434,12 +435,12 @@ async def test_prepare_makes_a_home_owned_by_the_user_a_private_config_and_a_plu
     )
     backend = OpencodeBackend()
     for _ in range(2):  # idempotent
-        await backend.prepare(HostSandbox(), agent, home=str(home), user="nobody")
+        await apply_setup(HostSandbox(), backend.setup(agent, home=str(home)), user="nobody")
     assert_prepared(home, pwd.getpwnam("nobody").pw_uid)
     # An existing lock (the image's own plugins) is left alone.
     lock = anyio.Path(config_path(str(home))).parent / "package-lock.json"
     await lock.write_text("{}")
-    await backend.prepare(HostSandbox(), agent, home=str(home), user=None)
+    await apply_setup(HostSandbox(), backend.setup(agent, home=str(home)), user=None)
     assert await lock.read_text() == "{}"
 
 
@@ -454,12 +455,12 @@ def assert_prepared(home: Path, uid: int) -> None:
     assert "@opencode-ai/plugin" in lock["packages"][""]["dependencies"]
 
 
-async def test_prepare_reports_a_home_it_cannot_create(tmp_path: Path) -> None:
+async def test_setup_reports_a_home_it_cannot_create(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
     with pytest.raises(BackendError, match=r"opencode: could not create HOME .*/file/home"):
-        await OpencodeBackend().prepare(
-            HostSandbox(), AgentSpec(backend="opencode"), home=str(blocker / "home"), user=None
+        await apply_setup(
+            HostSandbox(), OpencodeBackend().setup(AgentSpec(backend="opencode"), home=str(blocker / "home")), user=None
         )
 
 

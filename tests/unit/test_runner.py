@@ -28,6 +28,7 @@ from mcp_sandboxes.orchestrator.runner import (
 )
 from mcp_sandboxes.providers.base import Mount, Sandbox, SandboxSpec
 from mcp_sandboxes.providers.process import ProcessProvider, ProcessSettings
+from mcp_sandboxes.specs import SandboxSetup
 
 RACE = RetryIf(exit_code=42, stderr_contains="no input", attempts=3)
 
@@ -50,8 +51,8 @@ class ScriptBackend:
     def mounts(self) -> list[Mount]:
         return []
 
-    async def prepare(self, sandbox: Sandbox, agent: AgentSpec, *, home: str, user: str | None) -> None:
-        return None
+    def setup(self, agent: AgentSpec, *, home: str) -> SandboxSetup:
+        return SandboxSetup(backend=self.name, home=home)
 
 
 @pytest.fixture
