@@ -24,6 +24,7 @@ _FACTORIES: dict[str, str] = {
     "daytona": "mcp_sandboxes.providers.daytona:DaytonaProvider.from_settings",
     "modal": "mcp_sandboxes.providers.modal:ModalProvider.from_settings",
     "apple": "mcp_sandboxes.providers.apple:AppleContainerProvider.from_settings",
+    "kubernetes": "mcp_sandboxes.providers.kubernetes:KubernetesProvider.from_settings",
 }
 
 
