@@ -360,6 +360,10 @@ class KubernetesStandIn:
             await self.put(("v1", "pods"), ns, pod, new=False)
             return
         machine = LocalMachine(network=False)
+        workdir = container.get("workingDir") or "/"
+        if machine.writable(workdir):
+            # As a container runtime does: the working directory is created when missing.
+            machine.resolve(workdir).mkdir(parents=True, exist_ok=True)
         env = {item["name"]: item.get("value", "") for item in container.get("env") or []}
         self.pods[(ns, pod["metadata"]["name"])] = PodRuntime(machine, env, container.get("workingDir") or "/")
         pod["status"] = {
