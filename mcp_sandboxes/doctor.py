@@ -151,7 +151,10 @@ def format_report(report: DoctorReport) -> str:
     lines = ["Providers:"]
     for p in report.providers:
         mark = "ok " if p.available else "-- "
-        detail = "" if p.available else f": {p.reason}" + (f" (fix: {p.fix})" if p.fix else "")
+        detail = f": {p.reason}" + (f" (fix: {p.fix})" if p.fix else "")
+        if p.available:
+            # An available provider's reason is a note on how it works (e.g. kubernetes: its mode).
+            detail = f" ({p.reason})" if p.reason else ""
         lines.append(f"  {mark}{p.provider}{detail}")
     lines.append("Backends:")
     for b in report.backends:

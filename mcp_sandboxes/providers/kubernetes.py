@@ -134,7 +134,7 @@ class KubernetesProvider:
             if self._api is None:
                 self._api = await KubeApi.connect(
                     kubeconfig=self.settings.kubeconfig,
-                    context=self.settings.context,
+                    context=self.settings.context or None,
                     request_timeout_s=self.settings.request_timeout_s,
                 )
             return self._api

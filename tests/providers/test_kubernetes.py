@@ -248,7 +248,7 @@ async def test_an_unknown_image_fails_create_with_the_pull_error_and_leaves_noth
         assert await state.names(PODS) == []
         assert await state.names(POLICIES) == []
     async with cluster() as state, provider_on(state, ready_timeout_s=1.0) as provider:
-        with anyio.fail_after(STEP_S), pytest.raises(ProviderError, match="not Ready within 1 s .*ErrImagePull"):
+        with anyio.fail_after(STEP_S), pytest.raises(ProviderError, match=r"not Ready within 1 s .*ErrImagePull"):
             await provider.create(SPEC.model_copy(update={"image": "no-such-image"}))
         assert await state.names(SANDBOXES) == []
         assert await state.names(PODS) == []
