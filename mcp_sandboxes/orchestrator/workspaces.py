@@ -263,9 +263,7 @@ class SandboxWorkspace:
     workdir: str
     user: str | None
 
-    async def sh(
-        self, script: str, *args: str, stdin: bytes | None = None, env: dict[str, str] | None = None
-    ) -> Ran:
+    async def sh(self, script: str, *args: str, stdin: bytes | None = None, env: dict[str, str] | None = None) -> Ran:
         result = await self.sandbox.exec(
             ["sh", "-c", f'git() {{ command {SANDBOX_GIT} "$@"; }}\n{script}', "sh", *args],
             stdin=stdin,
@@ -306,7 +304,14 @@ class SandboxWorkspace:
     async def _set_up(
         self, workspace: WorkspaceSpec, branch: str, settings: WorkspaceSettings
     ) -> tuple[str | None, str | None]:
+        has_git = (await self.sh("unset -f git; command -v git >/dev/null")).ok
         if isinstance(workspace, GitWorkspace):
+            if not has_git:
+                raise InvalidInputError(
+                    "workspace",
+                    "a git workspace needs git in the sandbox and this environment's image has none; use an image"
+                    " with git (e.g. mcp-sandboxes/base:latest) or a directory workspace with mode 'copy'",
+                )
             bundle, commit = await bundle_of(workspace, branch, limit_s=settings.clone_timeout_s)
             await self.checked("git init", "git init --quiet")
             await self.sandbox.put_file(
@@ -324,6 +329,8 @@ class SandboxWorkspace:
             archive = await anyio.to_thread.run_sync(_tar_directory, workspace.path)
             await self.sandbox.put_file(posixpath.join(self.workdir, COPY_TAR_NAME), archive, user=self.user)
             await self.checked("unpacking the copy", 'tar -xf "$1" --no-same-owner && rm -f "$1"', COPY_TAR_NAME)
+            if not has_git:
+                return None, None  # copied in; without git there is no diff or export
             # A copy is made a repository (its own, or a fresh one of everything) on a branch of its own.
             out = await self.checked(
                 "making the session's branch",
@@ -334,7 +341,7 @@ class SandboxWorkspace:
                 branch,
             )
             return out.decode().strip(), branch
-        if workspace.mode == "rw":
+        if workspace.mode == "rw" and has_git:
             # The host's own working tree: its branch stays the host's; diffs are against its HEAD.
             result = await self.sh("git rev-parse --verify --quiet HEAD")
             return (result.stdout.decode().strip() or None) if result.ok else None, None

@@ -58,6 +58,7 @@ from mcp_sandboxes.errors import (
     ProviderUnavailableError,
     SandboxGoneError,
 )
+from mcp_sandboxes.providers._users import ensure_user
 from mcp_sandboxes.providers.base import (
     DEFAULT_CREATE_TIMEOUT_S,
     DEFAULT_EXEC_TIMEOUT_S,
@@ -285,8 +286,11 @@ class DockerProvider:
                 except DockerError as exc:
                     raise _start_error(exc, spec, self) from exc
             sandbox = DockerSandbox(self, container_id, default_user=default_user)
+            if spec.user:
+                # An image without the sandbox user gets it (any image runs agents unprivileged).
+                await ensure_user(sandbox, spec.user, image=spec.image, workdir=spec.workdir)
             if default_user:
-                await sandbox._ids_of(default_user)  # a user the image lacks fails here, not at first use
+                await sandbox._ids_of(default_user)  # a user that still cannot be used fails here, not at first use
         except BaseException as exc:
             # Without an id and without an engine answer (cancelled, timed out), the create may
             # still complete in the engine: the engine finishes a create whose caller left.

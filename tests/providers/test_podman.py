@@ -102,7 +102,8 @@ async def test_a_missing_image_names_podmans_store_and_the_import_and_leaves_not
 
 
 async def test_a_user_missing_from_the_image_fails_create_and_leaves_nothing(provider: PodmanProvider) -> None:
-    spec, token = tagged_spec(user="nosuchuser")
+    # A missing user with a usable name is added; one the server cannot add is refused.
+    spec, token = tagged_spec(user="NoSuchUser")
     with anyio.fail_after(STEP_S), pytest.raises(InvalidInputError) as raised:
         await provider.create(spec)
     assert raised.value.field == "user"
