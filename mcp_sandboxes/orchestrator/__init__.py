@@ -2,6 +2,7 @@
 
 The public surface is `__all__` (tests/test_public_surface.py keeps other rooms to it)."""
 
+from mcp_sandboxes.backends import describe_backends
 from mcp_sandboxes.orchestrator.core import PROGRESS_INTERVAL_S, Orchestrator, turn_view
 from mcp_sandboxes.orchestrator.environments import EnvironmentRequest
 from mcp_sandboxes.orchestrator.permissions import Decision, PermissionRequest
@@ -9,6 +10,7 @@ from mcp_sandboxes.orchestrator.providers import provider_names
 from mcp_sandboxes.orchestrator.subagents import OPERATOR, Caller, Lineage
 from mcp_sandboxes.orchestrator.transcript import render_transcript
 from mcp_sandboxes.orchestrator.views import EnvironmentView, EventsPage, SessionView
+from mcp_sandboxes.store.records import SessionStatus
 
 __all__ = [
     "OPERATOR",
@@ -21,7 +23,9 @@ __all__ = [
     "Lineage",
     "Orchestrator",
     "PermissionRequest",
+    "SessionStatus",
     "SessionView",
+    "describe_backends",
     "provider_names",
     "render_transcript",
     "turn_view",

@@ -15,8 +15,8 @@ from typing import Any
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from mcp_sandboxes.errors import McpSandboxesError
+from mcp_sandboxes.files import make_private_dir
 from mcp_sandboxes.orchestrator import OPERATOR, Caller, Lineage
-from mcp_sandboxes.store.database import make_private_dir
 
 BEARER = "Bearer "
 # Who is calling, set around each tool call by CallerIdentity.call_scope (the operator when unset).

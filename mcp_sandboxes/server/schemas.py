@@ -8,13 +8,11 @@ from typing import Annotated, Literal
 from annotated_types import Ge, Le
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
-from mcp_sandboxes.backends import describe_backends
 from mcp_sandboxes.events import EVENT_TYPES, Usage
-from mcp_sandboxes.orchestrator import provider_names
+from mcp_sandboxes.orchestrator import SessionStatus, describe_backends, provider_names
 from mcp_sandboxes.orchestrator.views import EnvironmentView, SessionView
 from mcp_sandboxes.specs import ResourceLimits
 from mcp_sandboxes.store import WorkspaceSpec
-from mcp_sandboxes.store.records import SessionStatus
 
 MAX_WAIT_S = 600.0
 MAX_LONG_POLL_S = 60.0

@@ -2,7 +2,7 @@
 
 The public surface is `__all__` (tests/test_public_surface.py keeps other rooms to it)."""
 
-from mcp_sandboxes.store.database import Database, make_private_dir, utc_now
+from mcp_sandboxes.store.database import Database, utc_now
 from mcp_sandboxes.store.records import (
     LIVE_STATUSES,
     WORKSPACE_ADAPTER,
@@ -28,6 +28,5 @@ __all__ = [
     "SessionStatus",
     "TurnRecord",
     "WorkspaceSpec",
-    "make_private_dir",
     "utc_now",
 ]

@@ -21,6 +21,7 @@ import anyio
 
 from mcp_sandboxes.errors import ConflictError, McpSandboxesError, NotFoundError
 from mcp_sandboxes.events import EVENT_ADAPTER, Event, Usage
+from mcp_sandboxes.files import make_private_dir
 from mcp_sandboxes.specs import AgentSpec, SandboxSpec
 from mcp_sandboxes.store.migrations import MIGRATIONS
 from mcp_sandboxes.store.records import (
@@ -43,12 +44,6 @@ def utc_now() -> str:
 
 class StoreError(McpSandboxesError):
     pass
-
-
-def make_private_dir(path: Path) -> None:
-    """Create `path` (and parents) and make it 0700: the data directory is the operator's alone."""
-    path.mkdir(parents=True, exist_ok=True, mode=0o700)
-    path.chmod(0o700)
 
 
 class Database:
