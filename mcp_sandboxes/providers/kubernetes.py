@@ -58,6 +58,7 @@ from mcp_sandboxes.providers.base import (
     ExecStream,
     Sandbox,
     SandboxSpec,
+    check_exec_args,
 )
 
 PROVIDER_NAME = "kubernetes"
@@ -223,7 +224,7 @@ class KubernetesProvider:
         try:
             mode = await self.mode()
         except ProviderError as exc:
-            return Availability(provider=self.name, available=False, reason=str(exc))
+            return Availability(provider=self.name, available=False, reason=str(exc).removeprefix("kubernetes: "))
         api = await self.api()
         described = {
             "sandbox": f"mode sandbox: {manifests.SANDBOX_API} Sandbox objects",
@@ -500,6 +501,7 @@ class KubernetesSandbox:
         user: str | None = None,
         timeout: float | None = DEFAULT_EXEC_TIMEOUT_S,  # noqa: ASYNC109 - the Sandbox protocol's parameter
     ) -> ExecResult:
+        check_exec_args(argv, env, cwd, user)
         if not argv:
             raise InvalidInputError("argv", "the command is empty; pass at least the program name")
         pidfile = f"{PID_PREFIX}{secrets.token_hex(8)}.pid"
@@ -522,6 +524,7 @@ class KubernetesSandbox:
         cwd: str | None = None,
         user: str | None = None,
     ) -> AsyncIterator[ExecStream]:
+        check_exec_args(argv, env, cwd, user)
         if not argv:
             raise InvalidInputError("argv", "the command is empty; pass at least the program name")
         pidfile = f"{PID_PREFIX}{secrets.token_hex(8)}.pid"
@@ -677,6 +680,9 @@ class KubeProcess(QueuedStream):
                     pass  # the sandbox is gone, and the command with it
         finally:
             await self._socket.close()
+            # Nobody reads after leaving the stream: release the output buffer now, not at GC.
+            self.output.finish(None, ProviderError("kubernetes: the command's stream was left before it ended"))
+            self.output._receive.close()
 
 
 __all__ = ["KubernetesProvider", "KubernetesSandbox", "KubernetesSettings"]
