@@ -196,3 +196,46 @@ async def test_an_agent_cannot_name_host_directories_beyond_its_own_workspace(tm
                 )
                 assert not allowed.result()["result"].get("isError"), allowed.body[:500]
                 await mcp.call("stop_session", {"session_id": agent.session_id})
+
+
+async def test_a_read_only_directory_is_the_agents_workdir_and_stays_unchanged(
+    tmp_path: Path, claude_bin: Path
+) -> None:
+    projects = tmp_path / "projects"
+    shared = projects / "docs"
+    shared.mkdir(parents=True)
+    (shared / "README.md").write_text("read me\n")
+    script = Script(fallback=Reply(text="ok"))
+    probe = "cat README.md && (touch new.txt 2>/dev/null && echo wrote || echo read-only-here)"
+    script.on(user_contains="RO-TASK", reply=Reply(tool_calls=[ToolCall(name="Bash", arguments={"command": probe})]))
+    script.on(tool_result_contains="read-only-here", reply=Reply(text="DONE-RO"))
+    with ScriptedModelServer(script) as model:
+        env = server_environment(
+            tmp_path / "data", model.url, claude_bin, {"MCP_SANDBOXES_WORKSPACES__ALLOWED_ROOTS": str(projects)}
+        )
+        async with mcp_server("stdio", env) as mcp:
+            await mcp.call(
+                "create_environment",
+                {
+                    "name": "docs",
+                    "image": BASE_IMAGE,
+                    "network": "host",
+                    "workspace": {"kind": "directory", "path": str(shared), "mode": "ro"},
+                },
+            )
+            done = await mcp.call(
+                "spawn_agent",
+                {"environment": "docs", "prompt": "RO-TASK", "permission_mode": "bypassPermissions", "wait": True},
+            )
+            assert done["completed"] and "DONE-RO" in done["final_message"], done
+            session_id = done["session"]["session_id"]
+            events = await mcp.call("read_events", {"session_id": session_id, "types": ["agent.tool_result"]})
+            assert "read me" in str(events["events"][0]["data"]["content"])
+            read = await mcp.call("read_file", {"session_id": session_id, "path": "/workspace/README.md"})
+            assert read["content"] == "read me\n"
+            message = await refused(mcp, "write_file", {"session_id": session_id, "path": "x.txt", "content": "x"})
+            assert message.startswith("workspace:") and "writing the file failed" in message, message
+            message = await refused(mcp, "session_diff", {"session_id": session_id})
+            assert message.startswith("session_id:") and "no workspace repository" in message, message
+            assert sorted(p.name for p in shared.iterdir()) == ["README.md"]
+            await mcp.call("stop_session", {"session_id": session_id})
