@@ -81,6 +81,11 @@ class EnvironmentService:
         workspace = None if request.workspace is None else check_workspace(request.workspace, self._workspaces)
         if workspace is not None and created_by_session is not None:
             await self._access.confine_workspace(created_by_session, workspace)
+        if request.provider == "process" and workspace_mounts(workspace, request.workdir):
+            # Its sandboxes are host directories: nothing is mounted, so the agent would see none of it.
+            raise InvalidInputError(
+                "workspace.mode", "the process provider mounts nothing; use mode 'copy' (or a container provider)"
+            )
         for index, command in enumerate(request.setup_commands):
             if not command.strip():
                 raise InvalidInputError(f"setup_commands[{index}]", "empty command; remove it")

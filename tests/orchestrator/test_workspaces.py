@@ -276,6 +276,16 @@ async def test_host_directories_outside_the_allowed_roots_are_refused(
                     EnvironmentRequest(name="bad", provider="process", image="host", workspace=workspace)
                 )
             assert refused.value.field == field
+        with pytest.raises(InvalidInputError) as unmountable:
+            await orchestrator.create_environment(
+                EnvironmentRequest(
+                    name="ro",
+                    provider="process",
+                    image="host",
+                    workspace=DirectoryWorkspace(path=str(roots), mode="ro"),
+                )
+            )
+        assert unmountable.value.field == "workspace.mode"
         settings.workspaces.allowed_roots = []
         with pytest.raises(InvalidInputError, match=r"workspaces\.allowed_roots"):
             await orchestrator.create_environment(
@@ -308,13 +318,13 @@ async def test_an_agent_cannot_widen_its_workspace(settings: Settings, roots: Pa
                     caller_session_id=agent,
                 )
             assert refused.value.field == field, workspace
-        # What it already has, read-only or cloned (a subdirectory too), is fine.
+        # What it already has, copied or cloned (a subdirectory too), is fine.
         await orchestrator.create_environment(
             EnvironmentRequest(
                 name="child-ok",
                 provider="process",
                 image="host",
-                workspace=DirectoryWorkspace(path=str(roots / "repo" / "src"), mode="ro"),
+                workspace=DirectoryWorkspace(path=str(roots / "repo" / "src"), mode="copy"),
             ),
             caller_session_id=agent,
         )
