@@ -453,21 +453,21 @@ class SandboxWorkspace:
     )
 
     async def diff(self, base: str, *, max_bytes: int) -> Diff:
-        names = await self.checked(
-            "listing the changed files",
-            self._AGAINST_BASE + 'git diff --cached --no-renames --name-status -z "$1"',
-            base,
-        )
-        parts = names.decode("utf-8", "replace").split("\0")
-        files = [(parts[i], parts[i + 1]) for i in range(0, len(parts) - 1, 2) if parts[i]]
-        text = await self.checked(
+        # One exec: the changed-file list's length on a line, the list, then the diff (each capped).
+        out = await self.checked(
             "computing the diff",
             self._AGAINST_BASE
-            + 'git diff --cached --no-renames --no-ext-diff --no-textconv --binary "$1" | head -c "$2"',
+            + 'git diff --cached --no-renames --name-status -z "$1" | head -c "$2" > "$scratch/names"'
+            ' && wc -c < "$scratch/names" && cat "$scratch/names"'
+            ' && git diff --cached --no-renames --no-ext-diff --no-textconv --binary "$1" | head -c "$2"',
             base,
             str(max_bytes + 1),
         )
-        truncated = len(text) > max_bytes
+        length, _, rest = out.partition(b"\n")
+        names, text = rest[: int(length)], rest[int(length) :]
+        parts = names[:max_bytes].decode("utf-8", "replace").split("\0")
+        files = [(parts[i], parts[i + 1]) for i in range(0, len(parts) - 1, 2) if parts[i]]
+        truncated = len(text) > max_bytes or len(names) > max_bytes
         return Diff(base=base, files=files, diff=text[:max_bytes].decode("utf-8", "replace"), truncated=truncated)
 
     async def export(
