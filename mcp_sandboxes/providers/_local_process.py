@@ -23,7 +23,7 @@ import anyio
 from anyio.abc import ByteReceiveStream, Process
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from mcp_sandboxes.errors import ConflictError, InvalidInputError, ProviderError
+from mcp_sandboxes.errors import ConflictError, ProviderError
 from mcp_sandboxes.providers._pipes import enlarge_output_pipes
 from mcp_sandboxes.providers.base import ExecResult, ExecStream, OutputChunk
 
@@ -50,20 +50,6 @@ EXEC_SHIM = ["/bin/sh", "-c", 'exec "$@"', "sh"]
 def exit_status(returncode: int) -> int:
     """Shell convention: 128+N for a process killed by signal N."""
     return 128 - returncode if returncode < 0 else returncode
-
-
-def check_exec_args(argv: list[str], env: dict[str, str] | None, cwd: str | None, user: str | None) -> None:
-    if not argv or not argv[0]:
-        raise InvalidInputError("argv", "is empty; give the program and its arguments")
-    if any("\x00" in arg for arg in argv):
-        raise InvalidInputError("argv", "arguments cannot contain NUL bytes")
-    for key, value in (env or {}).items():
-        if not key or "=" in key or "\x00" in key or "\x00" in value:
-            raise InvalidInputError(f"env.{key}", "names must be non-empty without '=' or NUL; values without NUL")
-    if cwd is not None and (not cwd.startswith("/") or "\x00" in cwd):
-        raise InvalidInputError("cwd", f"{cwd!r} must be an absolute path inside the sandbox, e.g. /workspace")
-    if user is not None and (not user.strip() or any(c.isspace() or c == "\x00" for c in user)):
-        raise InvalidInputError("user", f"{user!r} is not a user; give a name or uid")
 
 
 class LocalExecStream:

@@ -57,6 +57,7 @@ from mcp_sandboxes.providers.base import (
     ExecStream,
     Sandbox,
     SandboxSpec,
+    check_exec_args,
 )
 
 CLI_TIMEOUT_S = 60.0
@@ -228,6 +229,7 @@ class AppleSandbox:
         user: str | None = None,
         timeout: float | None = DEFAULT_EXEC_TIMEOUT_S,  # noqa: ASYNC109 - the Sandbox protocol's parameter
     ) -> ExecResult:
+        check_exec_args(argv, env, cwd, user)
         process = self.stream(argv, env=env, cwd=cwd, user=user)
         result = await run_collected(process, provider="apple", argv=argv, stdin=stdin, timeout=timeout)
         self._check_gone(result.exit_code, result.stderr)
@@ -242,6 +244,7 @@ class AppleSandbox:
         cwd: str | None = None,
         user: str | None = None,
     ) -> AsyncIterator[ExecStream]:
+        check_exec_args(argv, env, cwd, user)
         tag = secrets.token_hex(8)
         pid_file = f"{STATE_DIR}/{tag}.pid"
         # Record the pid before exec, so signals (SIGKILL included) can reach the process itself.

@@ -15,6 +15,7 @@ from typing import Literal, Protocol, runtime_checkable
 from pydantic import BaseModel
 
 # The specs live on the ground floor (mcp_sandboxes.specs); re-exported for the providers.
+from mcp_sandboxes.errors import InvalidInputError
 from mcp_sandboxes.specs import Mount as Mount
 from mcp_sandboxes.specs import NetworkMode as NetworkMode
 from mcp_sandboxes.specs import ResourceLimits as ResourceLimits
@@ -173,3 +174,20 @@ class TailBuffer:
 
     def text(self) -> str:
         return self._data.decode("utf-8", errors="replace")
+
+
+def check_exec_args(argv: list[str], env: dict[str, str] | None, cwd: str | None, user: str | None) -> None:
+    """What every sandbox refuses before it runs anything: no program, NUL bytes, a variable name
+    with '=' or NUL, a relative working directory, a user name with spaces."""
+    if not argv or not argv[0]:
+        raise InvalidInputError("argv", "is empty; give the program and its arguments")
+    if any("\x00" in arg for arg in argv):
+        raise InvalidInputError("argv", "arguments cannot contain NUL bytes")
+    for key, value in (env or {}).items():
+        if not key or "=" in key or "\x00" in key or "\x00" in value:
+            raise InvalidInputError(f"env.{key}", "names must be non-empty without '=' or NUL; values without NUL")
+    if cwd is not None and (not cwd.startswith("/") or "\x00" in cwd):
+        raise InvalidInputError("cwd", f"{cwd!r} must be an absolute path inside the sandbox, e.g. /workspace")
+    # "" means the sandbox's default user, as None does.
+    if user and (not user.strip() or any(c.isspace() or c == "\x00" for c in user)):
+        raise InvalidInputError("user", f"{user!r} is not a user; give a name or uid")

@@ -67,7 +67,6 @@ from mcp_sandboxes.providers._local_process import (
     EXEC_SHIM,
     LiveStreams,
     LocalExecStream,
-    check_exec_args,
     exec_collected,
     run_process,
 )
@@ -96,6 +95,7 @@ from mcp_sandboxes.providers.base import (
     Availability,
     ExecResult,
     SandboxSpec,
+    check_exec_args,
 )
 
 logger = logging.getLogger(__name__)

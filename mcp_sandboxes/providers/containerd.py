@@ -71,7 +71,7 @@ from mcp_sandboxes.errors import (
     ProviderUnavailableError,
 )
 from mcp_sandboxes.providers._ctr import INSTALL_FIX, START_FIX, Ctr, CtrResult, ctr_failure
-from mcp_sandboxes.providers._local_process import LocalExecStream, check_exec_args, run_process, run_to_end
+from mcp_sandboxes.providers._local_process import LocalExecStream, run_process, run_to_end
 from mcp_sandboxes.providers._remote_stream import sole_exception
 from mcp_sandboxes.providers.base import (
     DEFAULT_CREATE_TIMEOUT_S,
@@ -84,6 +84,7 @@ from mcp_sandboxes.providers.base import (
     OutputChunk,
     SandboxSpec,
     TailBuffer,
+    check_exec_args,
 )
 from mcp_sandboxes.providers.docker import (
     _NO_PID_FILE,

@@ -81,6 +81,7 @@ from mcp_sandboxes.providers.base import (
     ExecStream,
     Sandbox,
     SandboxSpec,
+    check_exec_args,
 )
 
 DEFAULT_API_URL = "https://app.daytona.io/api"
@@ -281,6 +282,7 @@ class DaytonaSandbox:
         user: str | None = None,
         timeout: float | None = DEFAULT_EXEC_TIMEOUT_S,  # noqa: ASYNC109 - the Sandbox protocol's parameter
     ) -> ExecResult:
+        check_exec_args(argv, env, cwd, user)
         if not argv:
             raise InvalidInputError("argv", "the command is empty")
         tag = secrets.token_hex(8)
@@ -320,6 +322,7 @@ class DaytonaSandbox:
         cwd: str | None = None,
         user: str | None = None,
     ) -> AsyncIterator[ExecStream]:
+        check_exec_args(argv, env, cwd, user)
         if not argv:
             raise InvalidInputError("argv", "the command is empty")
         process = DaytonaProcess(self)

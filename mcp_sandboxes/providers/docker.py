@@ -69,6 +69,7 @@ from mcp_sandboxes.providers.base import (
     ExecResult,
     OutputChunk,
     SandboxSpec,
+    check_exec_args,
 )
 
 PROVIDER_NAME = "docker"
@@ -503,7 +504,7 @@ class DockerSandbox:
         cwd: str | None = None,
         user: str | None = None,
     ) -> AsyncIterator[DockerExecStream]:
-        _check_exec_args(argv, env, cwd, user)
+        check_exec_args(argv, env, cwd, user)
         token = uuid.uuid4().hex
         process = DockerExecStream(self, token, argv[0])
         try:
@@ -881,20 +882,6 @@ def home_from_passwd(passwd: str, user: str) -> str | None:
             home = posixpath.normpath(fields[5]) if fields[5].startswith("/") else "/"
             return None if home == "/" else home
     return None
-
-
-def _check_exec_args(argv: list[str], env: dict[str, str] | None, cwd: str | None, user: str | None) -> None:
-    if not argv or not argv[0]:
-        raise InvalidInputError("argv", "is empty; give the program and its arguments")
-    if any("\x00" in arg for arg in argv):
-        raise InvalidInputError("argv", "arguments cannot contain NUL bytes")
-    for key, value in (env or {}).items():
-        if not _ENV_KEY.fullmatch(key) or "\x00" in value:
-            raise InvalidInputError(f"env.{key}", "names must be non-empty without '=' or NUL; values without NUL")
-    if cwd is not None:
-        _absolute(cwd, "cwd")
-    if user is not None and (not user.strip() or any(c.isspace() for c in user)):
-        raise InvalidInputError("user", f"{user!r} is not a user; give a name or uid")
 
 
 def _absolute(path: str, field: str) -> str:

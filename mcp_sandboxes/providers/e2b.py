@@ -59,6 +59,7 @@ from mcp_sandboxes.providers.base import (
     ExecStream,
     Sandbox,
     SandboxSpec,
+    check_exec_args,
 )
 
 DEFAULT_API_URL = "https://api.e2b.app"
@@ -297,6 +298,7 @@ class E2BSandbox:
         user: str | None = None,
         timeout: float | None = DEFAULT_EXEC_TIMEOUT_S,  # noqa: ASYNC109 - the Sandbox protocol's parameter
     ) -> ExecResult:
+        check_exec_args(argv, env, cwd, user)
         process = self.stream(argv, env=env, cwd=cwd, user=user)
         return await run_collected(process, provider="e2b", argv=argv, stdin=stdin, timeout=timeout)
 
@@ -309,6 +311,7 @@ class E2BSandbox:
         cwd: str | None = None,
         user: str | None = None,
     ) -> AsyncIterator[ExecStream]:
+        check_exec_args(argv, env, cwd, user)
         if not argv:
             raise InvalidInputError("argv", "the command is empty")
         process = E2BProcess(self, user)

@@ -81,6 +81,7 @@ from mcp_sandboxes.providers.base import (
     Availability,
     ExecResult,
     SandboxSpec,
+    check_exec_args,
 )
 
 NAME = "fly"
@@ -360,6 +361,7 @@ class FlySandbox:
         user: str | None = None,
         timeout: float | None = DEFAULT_EXEC_TIMEOUT_S,  # noqa: ASYNC109 - the Sandbox protocol's parameter
     ) -> ExecResult:
+        check_exec_args(argv, env, cwd, user)
         stdin_text: str | None = None
         if stdin is not None:
             # The API's stdin is a JSON string: it travels as base64 and is decoded in the machine.
@@ -415,6 +417,7 @@ class FlySandbox:
         cwd: str | None = None,
         user: str | None = None,
     ) -> AsyncIterator[FlyProcess]:
+        check_exec_args(argv, env, cwd, user)
         process = FlyProcess(self, self._owner.poll_interval_s)
         await process.start(self.command_script(argv, env=env, cwd=cwd, user=user, pidfile=f"{process.dir}/pid"))
         async with followed(

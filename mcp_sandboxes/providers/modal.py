@@ -67,6 +67,7 @@ from mcp_sandboxes.providers.base import (
     ExecStream,
     Sandbox,
     SandboxSpec,
+    check_exec_args,
 )
 
 if TYPE_CHECKING:
@@ -349,6 +350,7 @@ class ModalSandbox:
         user: str | None = None,
         timeout: float | None = DEFAULT_EXEC_TIMEOUT_S,  # noqa: ASYNC109 - the Sandbox protocol's parameter
     ) -> ExecResult:
+        check_exec_args(argv, env, cwd, user)
         process = self.stream(argv, env=env, cwd=cwd, user=user)
         return await run_collected(process, provider=PROVIDER_NAME, argv=argv, stdin=stdin, timeout=timeout)
 
@@ -361,6 +363,7 @@ class ModalSandbox:
         cwd: str | None = None,
         user: str | None = None,
     ) -> AsyncIterator[ExecStream]:
+        check_exec_args(argv, env, cwd, user)
         if not argv:
             raise InvalidInputError("argv", "the command is empty; pass at least the program name")
         who = run_as(self._user, user)

@@ -35,7 +35,6 @@ from mcp_sandboxes.providers._local_process import (
     EXEC_SHIM,
     LiveStreams,
     LocalExecStream,
-    check_exec_args,
     exec_collected,
     run_process,
 )
@@ -60,6 +59,7 @@ from mcp_sandboxes.providers.base import (
     Availability,
     ExecResult,
     SandboxSpec,
+    check_exec_args,
 )
 
 logger = logging.getLogger(__name__)

@@ -82,6 +82,7 @@ from mcp_sandboxes.providers.base import (
     Availability,
     ExecResult,
     SandboxSpec,
+    check_exec_args,
 )
 
 NAME = "sprites"
@@ -302,6 +303,7 @@ class SpritesSandbox:
         user: str | None = None,
         timeout: float | None = DEFAULT_EXEC_TIMEOUT_S,  # noqa: ASYNC109 - the Sandbox protocol's parameter
     ) -> ExecResult:
+        check_exec_args(argv, env, cwd, user)
         connection = await self.open(argv, env=env, cwd=cwd, user=user, stdin=stdin is not None)
         stdout = bytearray()
         stderr = bytearray()
@@ -334,6 +336,7 @@ class SpritesSandbox:
         cwd: str | None = None,
         user: str | None = None,
     ) -> AsyncIterator[SpritesConnection]:
+        check_exec_args(argv, env, cwd, user)
         connection = await self.open(argv, env=env, cwd=cwd, user=user, stdin=True)
         async with (
             connection,

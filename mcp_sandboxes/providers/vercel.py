@@ -84,6 +84,7 @@ from mcp_sandboxes.providers.base import (
     Availability,
     ExecResult,
     SandboxSpec,
+    check_exec_args,
 )
 
 NAME = "vercel"
@@ -409,6 +410,7 @@ class VercelSandbox:
         user: str | None = None,
         timeout: float | None = DEFAULT_EXEC_TIMEOUT_S,  # noqa: ASYNC109 - the Sandbox protocol's parameter
     ) -> ExecResult:
+        check_exec_args(argv, env, cwd, user)
         stdin_file = await self.stage_stdin(stdin) if stdin is not None else None
         # Output goes to files read back with fs/read: the logs carry JSON strings, not bytes.
         capture = scratch_path()
@@ -445,6 +447,7 @@ class VercelSandbox:
         cwd: str | None = None,
         user: str | None = None,
     ) -> AsyncIterator[VercelProcess]:
+        check_exec_args(argv, env, cwd, user)
         process = VercelProcess(self)
         body = self._request(argv, env=env, cwd=cwd, user=user, stdin_file=None)
         await process.start(body)
