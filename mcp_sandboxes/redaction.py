@@ -36,6 +36,21 @@ def looks_like_secret_value(value: str) -> bool:
     return SECRET_VALUE.search(value) is not None
 
 
+# What a vendor client puts in place of its own credential in an error it passes on.
+VENDOR_MARKER = "***"
+# A credential shorter than this is never searched for (it would match everywhere).
+MIN_VENDOR_SECRET_LENGTH = 4
+
+
+def redact_values(text: str, secrets: Iterable[str | None]) -> str:
+    """`text` with each given credential replaced by ***: what provider clients do to a vendor's
+    error before it reaches a caller (longest first, so one secret inside another goes whole)."""
+    known = {s for s in secrets if s and len(s) >= MIN_VENDOR_SECRET_LENGTH}
+    for secret in sorted(known, key=len, reverse=True):
+        text = text.replace(secret, VENDOR_MARKER)
+    return text
+
+
 def redact(text: str, secrets: Iterable[str] = ()) -> str:
     """`text` with every known secret value and every secret-shaped string replaced by a marker."""
     for secret in sorted({s for s in secrets if len(s) >= MIN_SECRET_LENGTH}, key=len, reverse=True):

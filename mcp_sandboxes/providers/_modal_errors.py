@@ -18,7 +18,7 @@ from mcp_sandboxes.errors import (
     ProviderUnavailableError,
     SandboxGoneError,
 )
-from mcp_sandboxes.providers._remote_support import redact
+from mcp_sandboxes.redaction import redact_values as redact
 
 TOKEN_HINT = (
     "set MODAL_TOKEN_ID and MODAL_TOKEN_SECRET (or providers.modal.token_id / token_secret) "

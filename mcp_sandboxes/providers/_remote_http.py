@@ -18,6 +18,7 @@ import anyio
 import httpx
 
 from mcp_sandboxes.errors import NotFoundError, ProviderError, ProviderUnavailableError
+from mcp_sandboxes.redaction import redact_values as redact
 
 DEFAULT_CONNECT_TIMEOUT_S = 10.0
 DEFAULT_REQUEST_TIMEOUT_S = 60.0
@@ -40,13 +41,6 @@ class RemoteApiError(ProviderError):
 
 class RemoteNotFoundError(RemoteApiError, NotFoundError):
     pass
-
-
-def redact(text: str, secrets: Iterable[str]) -> str:
-    for secret in secrets:
-        if secret and len(secret) >= 4:
-            text = text.replace(secret, "***")
-    return text
 
 
 def setting_or_env(settings: Mapping[str, Any], key: str, env_names: Iterable[str]) -> str | None:

@@ -16,6 +16,7 @@ import httpx
 from mcp_sandboxes.errors import InvalidInputError, ProviderError, ProviderUnavailableError
 from mcp_sandboxes.providers._spec_support import refuse_unsupported
 from mcp_sandboxes.providers.base import Availability, SandboxSpec
+from mcp_sandboxes.redaction import redact_values as redact
 
 # Control-plane calls (create, list, delete) and data-plane calls (files, signals).
 CONTROL_TIMEOUT_S = 60.0
@@ -26,13 +27,6 @@ CLEANUP_TIMEOUT_S = 15.0
 STATE_DIR = "/tmp/.mcp-sandboxes"
 
 ROOT_USERS = frozenset({"0", "root"})
-
-
-def redact(text: str, secrets: Iterable[str | None]) -> str:
-    for secret in secrets:
-        if secret:
-            text = text.replace(secret, "***")
-    return text
 
 
 def refuse_mounts(spec: SandboxSpec, provider: str) -> None:

@@ -66,7 +66,6 @@ from mcp_sandboxes.providers._remote_support import (
     api_key_availability,
     env_prefix,
     http_timeout,
-    redact,
     refuse_mounts,
     status_error,
     transport_error,
@@ -83,6 +82,7 @@ from mcp_sandboxes.providers.base import (
     SandboxSpec,
     check_exec_args,
 )
+from mcp_sandboxes.redaction import redact_values as redact
 
 DEFAULT_API_URL = "https://app.daytona.io/api"
 KEY_HINT = "DAYTONA_API_KEY or providers.daytona.api_key"
