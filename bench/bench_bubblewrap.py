@@ -18,7 +18,7 @@ from pathlib import Path
 import anyio
 
 from mcp_sandboxes.providers.base import ResourceLimits, SandboxSpec
-from mcp_sandboxes.providers.bubblewrap import BubblewrapProvider
+from mcp_sandboxes.providers.local.bubblewrap import BubblewrapProvider
 from tests.conftest import ROOT
 
 

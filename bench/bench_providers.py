@@ -25,8 +25,8 @@ import anyio
 
 from bench.report import write_section
 from mcp_sandboxes.providers.base import Provider, SandboxSpec
-from mcp_sandboxes.providers.containerd import DEFAULT_ADDRESS, DEFAULT_NAMESPACE, image_reference
-from mcp_sandboxes.providers.podman import DEFAULT_SOCKET
+from mcp_sandboxes.providers.local.containerd import DEFAULT_ADDRESS, DEFAULT_NAMESPACE, image_reference
+from mcp_sandboxes.providers.local.podman import DEFAULT_SOCKET
 from mcp_sandboxes.providers.registry import build_provider
 from tests.conftest import BUSYBOX_IMAGE, ROOT
 

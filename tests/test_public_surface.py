@@ -39,7 +39,7 @@ class Violation:
 
 
 def room_of(module: str) -> str | None:
-    """The room a dotted module name belongs to, e.g. mcp_sandboxes.providers.docker -> providers."""
+    """The room a dotted module name belongs to, e.g. mcp_sandboxes.providers.local.docker -> providers."""
     parts = module.split(".")
     if len(parts) >= 2 and parts[0] == PACKAGE and parts[1] in ROOMS:
         return parts[1]
@@ -117,13 +117,13 @@ def test_the_scan_catches_reaching_past_a_surface(surfaces: dict[str, set[str]])
         "from mcp_sandboxes.providers import Sandbox\n"  # public, through the package
         "from mcp_sandboxes.orchestrator.core import DESTROY_TIMEOUT_S\n"  # its own room: allowed
         "def lazy():\n"
-        "    from mcp_sandboxes.providers.docker import DockerProvider\n"
+        "    from mcp_sandboxes.providers.local.docker import DockerProvider\n"
         "import mcp_sandboxes.store.database\n"
         "from . import sibling\n"
     )
     found = violations(source, "orchestrator", "x.py", surfaces)
     assert [(v.room, v.what) for v in found] == [
-        ("providers", "from mcp_sandboxes.providers.docker import DockerProvider"),
+        ("providers", "from mcp_sandboxes.providers.local.docker import DockerProvider"),
         ("store", "import mcp_sandboxes.store.database"),
     ]
     assert "x.py:5" in str(found[0])

@@ -10,7 +10,8 @@ import signal as _signal
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from typing import Literal, Protocol, runtime_checkable
+from types import TracebackType
+from typing import Literal, Protocol, Self, runtime_checkable
 
 from pydantic import BaseModel
 
@@ -127,6 +128,27 @@ class Provider(Protocol):
     async def list_owned(self) -> list[str]: ...
 
     async def aclose(self) -> None: ...
+
+    async def __aenter__(self) -> Self: ...
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None: ...
+
+
+class ProviderLifecycle:
+    """`async with provider:` closes it on the way out (every provider inherits this)."""
+
+    async def aclose(self) -> None:
+        """Release what the provider holds (clients, connections); nothing by default."""
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
 
 
 class LineSplitter:

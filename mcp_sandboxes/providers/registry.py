@@ -12,19 +12,19 @@ from mcp_sandboxes.providers.base import Provider
 
 # name -> "module:factory". A factory takes the provider's settings dict and returns a Provider.
 _FACTORIES: dict[str, str] = {
-    "docker": "mcp_sandboxes.providers.docker:DockerProvider.from_settings",
-    "podman": "mcp_sandboxes.providers.podman:PodmanProvider.from_settings",
-    "containerd": "mcp_sandboxes.providers.containerd:ContainerdProvider.from_settings",
-    "bubblewrap": "mcp_sandboxes.providers.bubblewrap:BubblewrapProvider.from_settings",
-    "process": "mcp_sandboxes.providers.process:ProcessProvider.from_settings",
-    "fly": "mcp_sandboxes.providers.fly:FlyProvider.from_settings",
-    "vercel": "mcp_sandboxes.providers.vercel:VercelProvider.from_settings",
-    "sprites": "mcp_sandboxes.providers.sprites:SpritesProvider.from_settings",
-    "e2b": "mcp_sandboxes.providers.e2b:E2BProvider.from_settings",
-    "daytona": "mcp_sandboxes.providers.daytona:DaytonaProvider.from_settings",
-    "modal": "mcp_sandboxes.providers.modal:ModalProvider.from_settings",
-    "apple": "mcp_sandboxes.providers.apple:AppleContainerProvider.from_settings",
-    "kubernetes": "mcp_sandboxes.providers.kubernetes:KubernetesProvider.from_settings",
+    "docker": "mcp_sandboxes.providers.local.docker:DockerProvider.from_settings",
+    "podman": "mcp_sandboxes.providers.local.podman:PodmanProvider.from_settings",
+    "containerd": "mcp_sandboxes.providers.local.containerd:ContainerdProvider.from_settings",
+    "bubblewrap": "mcp_sandboxes.providers.local.bubblewrap:BubblewrapProvider.from_settings",
+    "process": "mcp_sandboxes.providers.local.process:ProcessProvider.from_settings",
+    "fly": "mcp_sandboxes.providers.remote.fly:FlyProvider.from_settings",
+    "vercel": "mcp_sandboxes.providers.remote.vercel:VercelProvider.from_settings",
+    "sprites": "mcp_sandboxes.providers.remote.sprites:SpritesProvider.from_settings",
+    "e2b": "mcp_sandboxes.providers.remote.e2b:E2BProvider.from_settings",
+    "daytona": "mcp_sandboxes.providers.remote.daytona:DaytonaProvider.from_settings",
+    "modal": "mcp_sandboxes.providers.remote.modal:ModalProvider.from_settings",
+    "apple": "mcp_sandboxes.providers.remote.apple:AppleContainerProvider.from_settings",
+    "kubernetes": "mcp_sandboxes.providers.remote.kubernetes:KubernetesProvider.from_settings",
 }
 
 

@@ -20,8 +20,8 @@ import anyio.abc
 
 from mcp_sandboxes.backends.base import AgentSpec, Backend, Command, Turn, TurnResult
 from mcp_sandboxes.events import Event
-from mcp_sandboxes.providers._pipes import enlarge_output_pipes
 from mcp_sandboxes.providers.base import ExecResult, ExecStream, LineSplitter
+from mcp_sandboxes.providers.local._pipes import enlarge_output_pipes
 
 
 class HostSandbox:

@@ -19,7 +19,7 @@ from mcp_sandboxes.backends.registry import backend_names, build_backend
 from mcp_sandboxes.config import BackendSettings, load_settings
 from mcp_sandboxes.orchestrator.setup import apply_setup
 from mcp_sandboxes.providers.base import Sandbox
-from mcp_sandboxes.providers.docker import DockerProvider
+from mcp_sandboxes.providers.local.docker import DockerProvider
 from mcp_sandboxes.specs import AgentSpec, JsonMerge, SandboxSpec, WriteFile
 from tests.conftest import BASE_IMAGE
 

@@ -25,7 +25,7 @@ from mcp.client.streamable_http import streamable_http_client
 
 from mcp_sandboxes.orchestrator.runner import TURN_MARKER_ENV, kill_marked
 from mcp_sandboxes.providers.base import SandboxSpec
-from mcp_sandboxes.providers.docker import DockerProvider
+from mcp_sandboxes.providers.local.docker import DockerProvider
 from tests.conftest import BASE_IMAGE, BUSYBOX_IMAGE, ROOT
 from tests.e2e.harness import (
     CALL_TIMEOUT_S,

@@ -16,7 +16,7 @@ import pytest
 from mcp_sandboxes.errors import BackendError
 from mcp_sandboxes.orchestrator.setup import apply_setup
 from mcp_sandboxes.providers.base import Sandbox
-from mcp_sandboxes.providers.process import ProcessProvider, ProcessSettings
+from mcp_sandboxes.providers.local.process import ProcessProvider, ProcessSettings
 from mcp_sandboxes.specs import DeepMerge, JsonMerge, SandboxSetup, SandboxSpec, WriteFile
 
 STEP_S = 30.0

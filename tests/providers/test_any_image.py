@@ -12,7 +12,7 @@ import pytest
 
 from mcp_sandboxes.errors import InvalidInputError
 from mcp_sandboxes.providers.base import Sandbox, SandboxSpec
-from mcp_sandboxes.providers.docker import DockerProvider
+from mcp_sandboxes.providers.local.docker import DockerProvider
 from tests.conftest import BUSYBOX_IMAGE
 from tests.e2e.harness import owned_containers
 

@@ -16,7 +16,7 @@ from anyio.abc import SocketStream
 
 from mcp_sandboxes.errors import ImageNotFoundError, InvalidInputError, NotFoundError, SandboxGoneError
 from mcp_sandboxes.providers.base import Mount, ResourceLimits, SandboxSpec
-from mcp_sandboxes.providers.bubblewrap import BubblewrapProvider, BubblewrapSandbox
+from mcp_sandboxes.providers.local.bubblewrap import BubblewrapProvider, BubblewrapSandbox
 from mcp_sandboxes.providers.registry import build_provider
 from tests.providers.targets.bubblewrap import ROOTFS
 

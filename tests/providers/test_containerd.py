@@ -19,13 +19,13 @@ from mcp_sandboxes.errors import (
     ProviderUnavailableError,
 )
 from mcp_sandboxes.providers.base import OWNER_LABEL, Mount, ResourceLimits, SandboxSpec
-from mcp_sandboxes.providers.containerd import (
+from mcp_sandboxes.providers.local.containerd import (
     DEFAULT_ADDRESS,
     DEFAULT_NAMESPACE,
     ContainerdProvider,
     image_reference,
 )
-from mcp_sandboxes.providers.docker import DockerProvider
+from mcp_sandboxes.providers.local.docker import DockerProvider
 from mcp_sandboxes.providers.registry import build_provider
 from tests.conftest import BASE_IMAGE, BUSYBOX_IMAGE, unavailable
 from tests.providers.targets.containerd import probe_containerd

@@ -18,7 +18,7 @@ from mcp_sandboxes.errors import (
     ProviderUnavailableError,
 )
 from mcp_sandboxes.providers.base import OWNER_LABEL, Mount, ResourceLimits, SandboxSpec
-from mcp_sandboxes.providers.docker import DockerProvider
+from mcp_sandboxes.providers.local.docker import DockerProvider
 from mcp_sandboxes.providers.registry import build_provider
 from tests.conftest import BUSYBOX_IMAGE
 

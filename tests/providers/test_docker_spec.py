@@ -16,7 +16,7 @@ import pytest
 
 from mcp_sandboxes.errors import ConflictError
 from mcp_sandboxes.providers.base import OWNER_LABEL, SANDBOX_NAME_LABEL, Mount, ResourceLimits, SandboxSpec
-from mcp_sandboxes.providers.docker import DockerProvider, DockerSandbox
+from mcp_sandboxes.providers.local.docker import DockerProvider, DockerSandbox
 from tests.conftest import BASE_IMAGE, BUSYBOX_IMAGE
 
 STEP_S = 30.0

@@ -14,13 +14,13 @@ import anyio
 import pytest
 
 from mcp_sandboxes.errors import InvalidInputError
-from mcp_sandboxes.providers._remote_shell import reject_unsupported
-from mcp_sandboxes.providers._remote_support import refuse_mounts
 from mcp_sandboxes.providers.base import Sandbox, SandboxSpec
-from mcp_sandboxes.providers.containerd import ContainerdProvider
-from mcp_sandboxes.providers.docker import SETUP_CAPABILITIES, DockerProvider
-from mcp_sandboxes.providers.podman import PodmanProvider
-from mcp_sandboxes.providers.process import ProcessProvider
+from mcp_sandboxes.providers.local.containerd import ContainerdProvider
+from mcp_sandboxes.providers.local.docker import SETUP_CAPABILITIES, DockerProvider
+from mcp_sandboxes.providers.local.podman import PodmanProvider
+from mcp_sandboxes.providers.local.process import ProcessProvider
+from mcp_sandboxes.providers.remote._remote_shell import reject_unsupported
+from mcp_sandboxes.providers.remote._remote_support import refuse_mounts
 from tests.conftest import BASE_IMAGE, BUSYBOX_IMAGE, unavailable
 from tests.providers.targets.containerd import probe_containerd
 from tests.support.model_server import Reply, Script, ScriptedModelServer, ToolCall

@@ -18,8 +18,8 @@ import pytest
 
 from mcp_sandboxes.errors import InvalidInputError, ProviderError, SandboxGoneError
 from mcp_sandboxes.providers.base import OWNER_LABEL, ResourceLimits, SandboxSpec
-from mcp_sandboxes.providers.kubernetes import KubernetesProvider, KubernetesSandbox, exit_code_of
 from mcp_sandboxes.providers.registry import build_provider
+from mcp_sandboxes.providers.remote.kubernetes import KubernetesProvider, KubernetesSandbox, exit_code_of
 from tests.contract_servers.kubernetes import KubernetesStandIn, kubeconfig_text, kubernetes_server
 from tests.contract_servers.sandbox_host import require_bwrap
 

@@ -14,7 +14,7 @@ import pytest
 
 from mcp_sandboxes.errors import ImageNotFoundError, InvalidInputError, ProviderUnavailableError
 from mcp_sandboxes.providers.base import SandboxSpec
-from mcp_sandboxes.providers.podman import DEFAULT_SOCKET, PodmanProvider
+from mcp_sandboxes.providers.local.podman import DEFAULT_SOCKET, PodmanProvider
 from mcp_sandboxes.providers.registry import build_provider
 from tests.conftest import BUSYBOX_IMAGE, unavailable
 from tests.providers.targets.podman import probe_podman

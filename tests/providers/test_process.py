@@ -12,7 +12,7 @@ import pytest
 
 from mcp_sandboxes.errors import InvalidInputError
 from mcp_sandboxes.providers.base import SandboxSpec
-from mcp_sandboxes.providers.process import ProcessProvider
+from mcp_sandboxes.providers.local.process import ProcessProvider
 from mcp_sandboxes.providers.registry import build_provider
 
 STEP_S = 30.0

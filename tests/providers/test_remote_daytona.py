@@ -11,7 +11,7 @@ import pytest
 
 from mcp_sandboxes.errors import ProviderError, ProviderUnavailableError
 from mcp_sandboxes.providers.base import SandboxSpec
-from mcp_sandboxes.providers.daytona import DaytonaProvider, _Demux
+from mcp_sandboxes.providers.remote.daytona import DaytonaProvider, _Demux
 from tests.contract_servers.daytona import DaytonaStandIn, daytona_server
 
 API_KEY = "dtn_" + "fedcba9876543210" * 4

@@ -11,7 +11,7 @@ import pytest
 
 from mcp_sandboxes.errors import InvalidInputError, ProviderError, ProviderUnavailableError
 from mcp_sandboxes.providers.base import OWNER_LABEL, SandboxSpec
-from mcp_sandboxes.providers.e2b import E2BProvider
+from mcp_sandboxes.providers.remote.e2b import E2BProvider
 from tests.contract_servers.e2b import E2BStandIn, e2b_server
 
 API_KEY = "e2b_" + "fedcba9876543210" * 2

@@ -11,7 +11,7 @@ import pytest
 
 from mcp_sandboxes.errors import InvalidInputError, ProviderError
 from mcp_sandboxes.providers.base import OWNER_LABEL, SandboxSpec
-from mcp_sandboxes.providers.fly import FlyProvider
+from mcp_sandboxes.providers.remote.fly import FlyProvider
 from tests.contract_servers.fly import FlyState, fly_server
 from tests.contract_servers.host_reaper import processes_of
 from tests.contract_servers.sandbox_host import LoopbackServer, require_bwrap

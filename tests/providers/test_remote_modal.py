@@ -24,8 +24,8 @@ from mcp_sandboxes.errors import (
     SandboxGoneError,
 )
 from mcp_sandboxes.providers.base import OWNER_LABEL, SANDBOX_NAME_LABEL, Mount, ResourceLimits, SandboxSpec
-from mcp_sandboxes.providers.modal import ModalProvider
 from mcp_sandboxes.providers.registry import build_provider
+from mcp_sandboxes.providers.remote.modal import ModalProvider
 from tests.contract_servers.modal import ModalServer, ModalStandIn, modal_server
 from tests.contract_servers.sandbox_host import require_bwrap
 

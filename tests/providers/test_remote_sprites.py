@@ -12,7 +12,7 @@ import pytest
 
 from mcp_sandboxes.errors import InvalidInputError, ProviderError
 from mcp_sandboxes.providers.base import SandboxSpec
-from mcp_sandboxes.providers.sprites import OWNER_TAG, SpritesProvider, SpritesSandbox
+from mcp_sandboxes.providers.remote.sprites import OWNER_TAG, SpritesProvider, SpritesSandbox
 from tests.contract_servers.sandbox_host import LoopbackServer, require_bwrap
 from tests.contract_servers.sprites import SpritesState, sprites_server
 

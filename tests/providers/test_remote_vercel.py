@@ -11,7 +11,7 @@ import pytest
 
 from mcp_sandboxes.errors import InvalidInputError, ProviderError
 from mcp_sandboxes.providers.base import OWNER_LABEL, SandboxSpec
-from mcp_sandboxes.providers.vercel import VercelProvider
+from mcp_sandboxes.providers.remote.vercel import VercelProvider
 from tests.contract_servers.sandbox_host import LoopbackServer, require_bwrap
 from tests.contract_servers.vercel import VercelState, vercel_server
 

@@ -9,7 +9,7 @@ import subprocess
 import anyio
 import pytest
 
-from mcp_sandboxes.providers._pipes import (
+from mcp_sandboxes.providers.local._pipes import (
     F_GETPIPE_SZ,
     OUTPUT_PIPE_BYTES,
     enlarge_output_pipes,

@@ -27,7 +27,7 @@ from mcp_sandboxes.orchestrator.runner import (
     run_turn,
 )
 from mcp_sandboxes.providers.base import Mount, Sandbox, SandboxSpec
-from mcp_sandboxes.providers.process import ProcessProvider, ProcessSettings
+from mcp_sandboxes.providers.local.process import ProcessProvider, ProcessSettings
 from mcp_sandboxes.specs import SandboxSetup
 
 RACE = RetryIf(exit_code=42, stderr_contains="no input", attempts=3)

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import anyio.to_thread
 
-from mcp_sandboxes.providers.apple import AppleContainerProvider
 from mcp_sandboxes.providers.base import Provider, SandboxSpec
+from mcp_sandboxes.providers.remote.apple import AppleContainerProvider
 from tests.contract_servers.sandbox_host import bwrap_available
 from tests.providers.targets import ConformanceTarget
 

@@ -9,9 +9,9 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 
-from mcp_sandboxes.providers._bwrap_limits import probe_limiter
 from mcp_sandboxes.providers.base import Provider, SandboxSpec
-from mcp_sandboxes.providers.bubblewrap import BubblewrapProvider
+from mcp_sandboxes.providers.local._bwrap_limits import probe_limiter
+from mcp_sandboxes.providers.local.bubblewrap import BubblewrapProvider
 from tests.conftest import ROOT
 from tests.providers.targets import ConformanceTarget
 

@@ -11,7 +11,12 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 from mcp_sandboxes.providers.base import Provider, SandboxSpec
-from mcp_sandboxes.providers.containerd import DEFAULT_ADDRESS, DEFAULT_NAMESPACE, ContainerdProvider, image_reference
+from mcp_sandboxes.providers.local.containerd import (
+    DEFAULT_ADDRESS,
+    DEFAULT_NAMESPACE,
+    ContainerdProvider,
+    image_reference,
+)
 from tests.providers.targets import ConformanceTarget
 from tests.providers.targets.docker import BASE_IMAGE, BUSYBOX_IMAGE
 

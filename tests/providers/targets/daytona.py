@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing, asynccontextmanager
 
 from mcp_sandboxes.providers.base import Provider, SandboxSpec
-from mcp_sandboxes.providers.daytona import DaytonaProvider
+from mcp_sandboxes.providers.remote.daytona import DaytonaProvider
 from tests.contract_servers.daytona import daytona_server
 from tests.contract_servers.sandbox_host import bwrap_available
 from tests.providers.targets import ConformanceTarget

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from mcp_sandboxes.providers.base import Provider, SandboxSpec
-from mcp_sandboxes.providers.docker import DockerProvider, resolve_docker_url
+from mcp_sandboxes.providers.local.docker import DockerProvider, resolve_docker_url
 from tests.providers.targets import ConformanceTarget
 
 BUSYBOX_IMAGE = "mcp-sandboxes/busybox:latest"

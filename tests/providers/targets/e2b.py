@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing, asynccontextmanager
 
 from mcp_sandboxes.providers.base import Provider, SandboxSpec
-from mcp_sandboxes.providers.e2b import E2BProvider
+from mcp_sandboxes.providers.remote.e2b import E2BProvider
 from tests.contract_servers.e2b import e2b_server
 from tests.contract_servers.sandbox_host import bwrap_available
 from tests.providers.targets import ConformanceTarget

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing, asynccontextmanager
 
 from mcp_sandboxes.providers.base import Provider, SandboxSpec
-from mcp_sandboxes.providers.fly import FlyProvider
+from mcp_sandboxes.providers.remote.fly import FlyProvider
 from tests.contract_servers.fly import fly_server
 from tests.contract_servers.sandbox_host import bwrap_available
 from tests.providers.targets import ConformanceTarget

@@ -15,7 +15,7 @@ from contextlib import aclosing, asynccontextmanager
 from pathlib import Path
 
 from mcp_sandboxes.providers.base import Provider, SandboxSpec
-from mcp_sandboxes.providers.kubernetes import KubernetesProvider
+from mcp_sandboxes.providers.remote.kubernetes import KubernetesProvider
 from tests.contract_servers.kubernetes import kubeconfig_text, kubernetes_server
 from tests.contract_servers.sandbox_host import bwrap_available
 from tests.providers.targets import ConformanceTarget

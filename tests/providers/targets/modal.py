@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing, asynccontextmanager
 
 from mcp_sandboxes.providers.base import Provider, SandboxSpec
-from mcp_sandboxes.providers.modal import ModalProvider
+from mcp_sandboxes.providers.remote.modal import ModalProvider
 from tests.contract_servers.modal import modal_server
 from tests.contract_servers.sandbox_host import bwrap_available
 from tests.providers.targets import ConformanceTarget

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from mcp_sandboxes.providers.base import Provider, SandboxSpec
-from mcp_sandboxes.providers.podman import DEFAULT_SOCKET, PodmanProvider
+from mcp_sandboxes.providers.local.podman import DEFAULT_SOCKET, PodmanProvider
 from tests.providers.targets import ConformanceTarget
 from tests.providers.targets.docker import BASE_IMAGE, BUSYBOX_IMAGE, _UnixHTTPConnection
 

@@ -11,7 +11,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 from mcp_sandboxes.providers.base import Provider, SandboxSpec
-from mcp_sandboxes.providers.process import ProcessProvider
+from mcp_sandboxes.providers.local.process import ProcessProvider
 from tests.providers.targets import ConformanceTarget
 
 # Per test process: made by each provider's context and removed with it.

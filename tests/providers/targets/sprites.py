@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing, asynccontextmanager
 
 from mcp_sandboxes.providers.base import Provider, SandboxSpec
-from mcp_sandboxes.providers.sprites import SpritesProvider
+from mcp_sandboxes.providers.remote.sprites import SpritesProvider
 from tests.contract_servers.sandbox_host import bwrap_available
 from tests.contract_servers.sprites import sprites_server
 from tests.providers.targets import ConformanceTarget

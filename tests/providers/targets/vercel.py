@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing, asynccontextmanager
 
 from mcp_sandboxes.providers.base import Provider, SandboxSpec
-from mcp_sandboxes.providers.vercel import VercelProvider
+from mcp_sandboxes.providers.remote.vercel import VercelProvider
 from tests.contract_servers.sandbox_host import bwrap_available
 from tests.contract_servers.vercel import vercel_server
 from tests.providers.targets import ConformanceTarget

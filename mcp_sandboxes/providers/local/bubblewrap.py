@@ -59,18 +59,30 @@ from mcp_sandboxes.errors import (
     ProviderError,
     ProviderUnavailableError,
 )
-from mcp_sandboxes.providers import _bwrap_root as rootfs
-from mcp_sandboxes.providers._bwrap_holder import Holder, start_holder
-from mcp_sandboxes.providers._bwrap_limits import Limiter, LimitsMethod, probe_limiter, remove_cgroups
 from mcp_sandboxes.providers._cleanup import removed_on_failure
-from mcp_sandboxes.providers._local_process import (
+from mcp_sandboxes.providers._settings import validated
+from mcp_sandboxes.providers._spec_support import refuse_unsupported
+from mcp_sandboxes.providers.base import (
+    DEFAULT_CREATE_TIMEOUT_S,
+    DEFAULT_EXEC_TIMEOUT_S,
+    DEFAULT_FILE_TIMEOUT_S,
+    Availability,
+    ExecResult,
+    ProviderLifecycle,
+    SandboxSpec,
+    check_exec_args,
+)
+from mcp_sandboxes.providers.local import _bwrap_root as rootfs
+from mcp_sandboxes.providers.local._bwrap_holder import Holder, start_holder
+from mcp_sandboxes.providers.local._bwrap_limits import Limiter, LimitsMethod, probe_limiter, remove_cgroups
+from mcp_sandboxes.providers.local._local_process import (
     EXEC_SHIM,
     LiveStreams,
     LocalExecStream,
     exec_collected,
     run_process,
 )
-from mcp_sandboxes.providers._local_state import (
+from mcp_sandboxes.providers.local._local_state import (
     DESTROY_TIMEOUT_S,
     ResolveInSandbox,
     SandboxDirs,
@@ -85,17 +97,6 @@ from mcp_sandboxes.providers._local_state import (
     resolve_state_dir,
     write_beneath,
     write_metadata,
-)
-from mcp_sandboxes.providers._settings import validated
-from mcp_sandboxes.providers._spec_support import refuse_unsupported
-from mcp_sandboxes.providers.base import (
-    DEFAULT_CREATE_TIMEOUT_S,
-    DEFAULT_EXEC_TIMEOUT_S,
-    DEFAULT_FILE_TIMEOUT_S,
-    Availability,
-    ExecResult,
-    SandboxSpec,
-    check_exec_args,
 )
 
 logger = logging.getLogger(__name__)
@@ -149,7 +150,7 @@ class _Layout:
         return [*self.root_args, "--proc", "/proc", *devices, *self.bind_args, "--remount-ro", "/"]
 
 
-class BubblewrapProvider:
+class BubblewrapProvider(ProviderLifecycle):
     name = PROVIDER_NAME
 
     def __init__(self, settings: BubblewrapSettings | None = None) -> None:

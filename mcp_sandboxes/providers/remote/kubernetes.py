@@ -42,12 +42,8 @@ from mcp_sandboxes.errors import (
     ProviderUnavailableError,
     SandboxGoneError,
 )
-from mcp_sandboxes.providers import _k8s_manifests as manifests
 from mcp_sandboxes.providers._cleanup import removed_on_failure
-from mcp_sandboxes.providers._k8s_api import V5_PROTOCOL, KubeApi
 from mcp_sandboxes.providers._labels import USER_LABEL, WORKDIR_LABEL
-from mcp_sandboxes.providers._remote_shell import as_user, inner_script, q, run_as, wait_until
-from mcp_sandboxes.providers._remote_stream import QueuedStream, followed, sole_exception
 from mcp_sandboxes.providers._settings import validated
 from mcp_sandboxes.providers.base import (
     DEFAULT_EXEC_TIMEOUT_S,
@@ -56,10 +52,15 @@ from mcp_sandboxes.providers.base import (
     Availability,
     ExecResult,
     ExecStream,
+    ProviderLifecycle,
     Sandbox,
     SandboxSpec,
     check_exec_args,
 )
+from mcp_sandboxes.providers.remote import _k8s_manifests as manifests
+from mcp_sandboxes.providers.remote._k8s_api import V5_PROTOCOL, KubeApi
+from mcp_sandboxes.providers.remote._remote_shell import as_user, inner_script, q, run_as, wait_until
+from mcp_sandboxes.providers.remote._remote_stream import QueuedStream, followed, sole_exception
 
 PROVIDER_NAME = "kubernetes"
 Mode = Literal["sandbox", "claim", "pod"]
@@ -113,7 +114,7 @@ def exit_code_of(status: Mapping[str, Any]) -> int:
     raise ProviderError(f"kubernetes: the command could not run ({_status_message(status)})")
 
 
-class KubernetesProvider:
+class KubernetesProvider(ProviderLifecycle):
     name = PROVIDER_NAME
 
     def __init__(self, settings: Mapping[str, Any]) -> None:

@@ -40,12 +40,6 @@ from mcp_sandboxes.errors import (
 )
 from mcp_sandboxes.providers._cleanup import removed_on_failure
 from mcp_sandboxes.providers._labels import owner_labels
-from mcp_sandboxes.providers._remote_shell import quote, wait_until
-from mcp_sandboxes.providers._remote_stream import QueuedStream, followed, run_collected, sole_exception
-from mcp_sandboxes.providers._remote_support import (
-    CLEANUP_TIMEOUT_S,
-    STATE_DIR,
-)
 from mcp_sandboxes.providers._spec_support import refuse_unsupported
 from mcp_sandboxes.providers.base import (
     DEFAULT_CREATE_TIMEOUT_S,
@@ -55,9 +49,16 @@ from mcp_sandboxes.providers.base import (
     Availability,
     ExecResult,
     ExecStream,
+    ProviderLifecycle,
     Sandbox,
     SandboxSpec,
     check_exec_args,
+)
+from mcp_sandboxes.providers.remote._remote_shell import quote, wait_until
+from mcp_sandboxes.providers.remote._remote_stream import QueuedStream, followed, run_collected, sole_exception
+from mcp_sandboxes.providers.remote._remote_support import (
+    CLEANUP_TIMEOUT_S,
+    STATE_DIR,
 )
 
 CLI_TIMEOUT_S = 60.0
@@ -69,7 +70,7 @@ def _gone(stderr: bytes) -> bool:
     return "not found" in text or "notfound" in text
 
 
-class AppleContainerProvider:
+class AppleContainerProvider(ProviderLifecycle):
     name = "apple"
 
     def __init__(self, settings: Mapping[str, Any]) -> None:

@@ -24,8 +24,8 @@ from anyio.abc import ByteReceiveStream, Process
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from mcp_sandboxes.errors import ConflictError, ProviderError
-from mcp_sandboxes.providers._pipes import enlarge_output_pipes
 from mcp_sandboxes.providers.base import ExecResult, ExecStream, OutputChunk
+from mcp_sandboxes.providers.local._pipes import enlarge_output_pipes
 
 READ_CHUNK_BYTES = 64 * 1024
 # Output chunks buffered between the pumps and the consumer; the pumps wait when it is full.

@@ -31,14 +31,25 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from mcp_sandboxes.errors import InvalidInputError, NotFoundError, ProviderError
 from mcp_sandboxes.providers._cleanup import removed_on_failure
-from mcp_sandboxes.providers._local_process import (
+from mcp_sandboxes.providers._settings import validated
+from mcp_sandboxes.providers._spec_support import refuse_unsupported
+from mcp_sandboxes.providers.base import (
+    DEFAULT_EXEC_TIMEOUT_S,
+    DEFAULT_FILE_TIMEOUT_S,
+    Availability,
+    ExecResult,
+    ProviderLifecycle,
+    SandboxSpec,
+    check_exec_args,
+)
+from mcp_sandboxes.providers.local._local_process import (
     EXEC_SHIM,
     LiveStreams,
     LocalExecStream,
     exec_collected,
     run_process,
 )
-from mcp_sandboxes.providers._local_state import (
+from mcp_sandboxes.providers.local._local_state import (
     DESTROY_TIMEOUT_S,
     SandboxDirs,
     ensure_present,
@@ -50,16 +61,6 @@ from mcp_sandboxes.providers._local_state import (
     remove_tree,
     resolve_state_dir,
     write_metadata,
-)
-from mcp_sandboxes.providers._settings import validated
-from mcp_sandboxes.providers._spec_support import refuse_unsupported
-from mcp_sandboxes.providers.base import (
-    DEFAULT_EXEC_TIMEOUT_S,
-    DEFAULT_FILE_TIMEOUT_S,
-    Availability,
-    ExecResult,
-    SandboxSpec,
-    check_exec_args,
 )
 
 logger = logging.getLogger(__name__)
@@ -86,7 +87,7 @@ class _Places:
     private: bool  # workdir is our own stand-in for spec.workdir
 
 
-class ProcessProvider:
+class ProcessProvider(ProviderLifecycle):
     name = PROVIDER_NAME
 
     def __init__(self, settings: ProcessSettings | None = None) -> None:
@@ -164,12 +165,6 @@ class ProcessProvider:
     async def aclose(self) -> None:
         with anyio.CancelScope(shield=True):
             await self.live.kill_all()
-
-    async def __aenter__(self) -> ProcessProvider:
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.aclose()
 
 
 class ProcessSandbox:

@@ -57,7 +57,17 @@ from mcp_sandboxes.errors import (
     SandboxGoneError,
 )
 from mcp_sandboxes.providers._cleanup import removed_unless_ready
-from mcp_sandboxes.providers._remote_http import (
+from mcp_sandboxes.providers.base import (
+    DEFAULT_CREATE_TIMEOUT_S,
+    DEFAULT_EXEC_TIMEOUT_S,
+    DEFAULT_FILE_TIMEOUT_S,
+    Availability,
+    ExecResult,
+    ProviderLifecycle,
+    SandboxSpec,
+    check_exec_args,
+)
+from mcp_sandboxes.providers.remote._remote_http import (
     CLEANUP_TIMEOUT_S,
     DEFAULT_CONNECT_TIMEOUT_S,
     RemoteApiError,
@@ -65,7 +75,7 @@ from mcp_sandboxes.providers._remote_http import (
     VendorClient,
     setting_or_env,
 )
-from mcp_sandboxes.providers._remote_shell import (
+from mcp_sandboxes.providers.remote._remote_shell import (
     SHELL,
     as_user,
     inner_script,
@@ -74,16 +84,7 @@ from mcp_sandboxes.providers._remote_shell import (
     run_as,
     signal_name,
 )
-from mcp_sandboxes.providers._remote_stream import QueuedStream, followed
-from mcp_sandboxes.providers.base import (
-    DEFAULT_CREATE_TIMEOUT_S,
-    DEFAULT_EXEC_TIMEOUT_S,
-    DEFAULT_FILE_TIMEOUT_S,
-    Availability,
-    ExecResult,
-    SandboxSpec,
-    check_exec_args,
-)
+from mcp_sandboxes.providers.remote._remote_stream import QueuedStream, followed
 
 NAME = "sprites"
 DEFAULT_API_URL = "https://api.sprites.dev"
@@ -103,7 +104,7 @@ def _error_text(response: httpx.Response) -> str:
     return response.text[:300]
 
 
-class SpritesProvider:
+class SpritesProvider(ProviderLifecycle):
     name = NAME
 
     def __init__(

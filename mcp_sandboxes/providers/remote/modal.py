@@ -52,10 +52,6 @@ from mcp_sandboxes.errors import (
 )
 from mcp_sandboxes.providers._cleanup import removed_on_failure
 from mcp_sandboxes.providers._labels import USER_LABEL, WORKDIR_LABEL, owner_labels
-from mcp_sandboxes.providers._modal_errors import TOKEN_HINT, timed_out, translate
-from mcp_sandboxes.providers._remote_shell import q, run_as, scratch_path, signal_name, wait_until, wrap
-from mcp_sandboxes.providers._remote_stream import QueuedStream, followed, run_collected, sole_exception
-from mcp_sandboxes.providers._remote_support import CLEANUP_TIMEOUT_S, CONTROL_TIMEOUT_S, ROOT_USERS, refuse_mounts
 from mcp_sandboxes.providers._settings import validated
 from mcp_sandboxes.providers.base import (
     DEFAULT_CREATE_TIMEOUT_S,
@@ -65,9 +61,19 @@ from mcp_sandboxes.providers.base import (
     Availability,
     ExecResult,
     ExecStream,
+    ProviderLifecycle,
     Sandbox,
     SandboxSpec,
     check_exec_args,
+)
+from mcp_sandboxes.providers.remote._modal_errors import TOKEN_HINT, timed_out, translate
+from mcp_sandboxes.providers.remote._remote_shell import q, run_as, scratch_path, signal_name, wait_until, wrap
+from mcp_sandboxes.providers.remote._remote_stream import QueuedStream, followed, run_collected, sole_exception
+from mcp_sandboxes.providers.remote._remote_support import (
+    CLEANUP_TIMEOUT_S,
+    CONTROL_TIMEOUT_S,
+    ROOT_USERS,
+    refuse_mounts,
 )
 
 if TYPE_CHECKING:
@@ -118,7 +124,7 @@ def require_sdk() -> None:
         raise ProviderUnavailableError(MISSING_SDK)
 
 
-class ModalProvider:
+class ModalProvider(ProviderLifecycle):
     name = PROVIDER_NAME
 
     def __init__(self, settings: ModalSettings | None = None) -> None:

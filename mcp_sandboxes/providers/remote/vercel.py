@@ -54,14 +54,25 @@ import httpx
 from mcp_sandboxes.errors import NotFoundError, ProviderError, SandboxGoneError
 from mcp_sandboxes.providers._cleanup import removed_unless_ready
 from mcp_sandboxes.providers._labels import USER_LABEL, WORKDIR_LABEL, restorable_labels
-from mcp_sandboxes.providers._remote_http import (
+from mcp_sandboxes.providers.base import (
+    DEFAULT_CREATE_TIMEOUT_S,
+    DEFAULT_EXEC_TIMEOUT_S,
+    DEFAULT_FILE_TIMEOUT_S,
+    OWNER_LABEL,
+    Availability,
+    ExecResult,
+    ProviderLifecycle,
+    SandboxSpec,
+    check_exec_args,
+)
+from mcp_sandboxes.providers.remote._remote_http import (
     CLEANUP_TIMEOUT_S,
     RemoteApiError,
     RemoteNotFoundError,
     VendorClient,
     setting_or_env,
 )
-from mcp_sandboxes.providers._remote_shell import (
+from mcp_sandboxes.providers.remote._remote_shell import (
     SHELL,
     as_user,
     captured,
@@ -75,17 +86,7 @@ from mcp_sandboxes.providers._remote_shell import (
     stdin_holder,
     wait_until,
 )
-from mcp_sandboxes.providers._remote_stream import OutputQueue, QueuedStream, followed
-from mcp_sandboxes.providers.base import (
-    DEFAULT_CREATE_TIMEOUT_S,
-    DEFAULT_EXEC_TIMEOUT_S,
-    DEFAULT_FILE_TIMEOUT_S,
-    OWNER_LABEL,
-    Availability,
-    ExecResult,
-    SandboxSpec,
-    check_exec_args,
-)
+from mcp_sandboxes.providers.remote._remote_stream import OutputQueue, QueuedStream, followed
 
 NAME = "vercel"
 DEFAULT_API_URL = "https://api.vercel.com"
@@ -110,7 +111,7 @@ def _tags_filter(tags: Mapping[str, str]) -> list[str]:
     return [f"{key}:{value}" for key, value in tags.items()]
 
 
-class VercelProvider:
+class VercelProvider(ProviderLifecycle):
     name = NAME
 
     def __init__(

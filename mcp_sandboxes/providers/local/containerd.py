@@ -70,9 +70,6 @@ from mcp_sandboxes.errors import (
     ProviderError,
     ProviderUnavailableError,
 )
-from mcp_sandboxes.providers._ctr import INSTALL_FIX, START_FIX, Ctr, CtrResult, ctr_failure
-from mcp_sandboxes.providers._local_process import LocalExecStream, run_process, run_to_end
-from mcp_sandboxes.providers._remote_stream import sole_exception
 from mcp_sandboxes.providers.base import (
     DEFAULT_CREATE_TIMEOUT_S,
     DEFAULT_EXEC_TIMEOUT_S,
@@ -82,11 +79,14 @@ from mcp_sandboxes.providers.base import (
     Availability,
     ExecResult,
     OutputChunk,
+    ProviderLifecycle,
     SandboxSpec,
     TailBuffer,
     check_exec_args,
 )
-from mcp_sandboxes.providers.docker import (
+from mcp_sandboxes.providers.local._ctr import INSTALL_FIX, START_FIX, Ctr, CtrResult, ctr_failure
+from mcp_sandboxes.providers.local._local_process import LocalExecStream, run_process, run_to_end
+from mcp_sandboxes.providers.local.docker import (
     _NO_PID_FILE,
     _SIGNALLER,
     _WRAPPER,
@@ -96,6 +96,7 @@ from mcp_sandboxes.providers.docker import (
     container_config,
     home_from_passwd,
 )
+from mcp_sandboxes.providers.remote._remote_stream import sole_exception
 
 PROVIDER_NAME = "containerd"
 DEFAULT_ADDRESS = "/var/run/docker/containerd/containerd.sock"
@@ -247,7 +248,7 @@ def find_init(setting: str) -> str | None:
     return None
 
 
-class ContainerdProvider:
+class ContainerdProvider(ProviderLifecycle):
     """Creates and removes sandbox containers in one containerd namespace."""
 
     name = PROVIDER_NAME
@@ -595,12 +596,6 @@ class ContainerdProvider:
 
     async def aclose(self) -> None:
         return None  # no connection to close: every call is its own ctr process
-
-    async def __aenter__(self) -> ContainerdProvider:
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.aclose()
 
 
 class ContainerdSandbox:

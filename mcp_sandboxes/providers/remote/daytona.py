@@ -55,10 +55,23 @@ from mcp_sandboxes.errors import (
 )
 from mcp_sandboxes.providers._cleanup import removed_on_failure
 from mcp_sandboxes.providers._labels import owner_labels
-from mcp_sandboxes.providers._remote_http import setting_or_env
-from mcp_sandboxes.providers._remote_shell import quote, wait_until
-from mcp_sandboxes.providers._remote_stream import QueuedStream, followed, sole_exception
-from mcp_sandboxes.providers._remote_support import (
+from mcp_sandboxes.providers.base import (
+    DEFAULT_CREATE_TIMEOUT_S,
+    DEFAULT_EXEC_TIMEOUT_S,
+    DEFAULT_FILE_TIMEOUT_S,
+    OWNER_LABEL,
+    Availability,
+    ExecResult,
+    ExecStream,
+    ProviderLifecycle,
+    Sandbox,
+    SandboxSpec,
+    check_exec_args,
+)
+from mcp_sandboxes.providers.remote._remote_http import setting_or_env
+from mcp_sandboxes.providers.remote._remote_shell import quote, wait_until
+from mcp_sandboxes.providers.remote._remote_stream import QueuedStream, followed, sole_exception
+from mcp_sandboxes.providers.remote._remote_support import (
     CLEANUP_TIMEOUT_S,
     CONNECT_TIMEOUT_S,
     ROOT_USERS,
@@ -69,18 +82,6 @@ from mcp_sandboxes.providers._remote_support import (
     refuse_mounts,
     status_error,
     transport_error,
-)
-from mcp_sandboxes.providers.base import (
-    DEFAULT_CREATE_TIMEOUT_S,
-    DEFAULT_EXEC_TIMEOUT_S,
-    DEFAULT_FILE_TIMEOUT_S,
-    OWNER_LABEL,
-    Availability,
-    ExecResult,
-    ExecStream,
-    Sandbox,
-    SandboxSpec,
-    check_exec_args,
 )
 from mcp_sandboxes.redaction import redact_values as redact
 
@@ -102,7 +103,7 @@ def _sudo(user: str | None, default_user: str | None) -> list[str]:
     return ["sudo", "-n", "-u", f"#{user}" if user.isdigit() else user, "--"]
 
 
-class DaytonaProvider:
+class DaytonaProvider(ProviderLifecycle):
     name = "daytona"
 
     def __init__(self, settings: Mapping[str, Any]) -> None:

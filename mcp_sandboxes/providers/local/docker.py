@@ -58,7 +58,6 @@ from mcp_sandboxes.errors import (
     ProviderUnavailableError,
     SandboxGoneError,
 )
-from mcp_sandboxes.providers._users import ensure_user
 from mcp_sandboxes.providers.base import (
     DEFAULT_CREATE_TIMEOUT_S,
     DEFAULT_EXEC_TIMEOUT_S,
@@ -68,9 +67,11 @@ from mcp_sandboxes.providers.base import (
     Availability,
     ExecResult,
     OutputChunk,
+    ProviderLifecycle,
     SandboxSpec,
     check_exec_args,
 )
+from mcp_sandboxes.providers.local._users import ensure_user
 
 PROVIDER_NAME = "docker"
 
@@ -136,7 +137,7 @@ def resolve_docker_url(url: str) -> str:
     return f"unix://{_SOCKET_PATHS[-1]}"
 
 
-class DockerProvider:
+class DockerProvider(ProviderLifecycle):
     """Creates and removes sandbox containers on one Docker engine."""
 
     name = PROVIDER_NAME
@@ -439,12 +440,6 @@ class DockerProvider:
         if client is not None:
             with anyio.CancelScope(shield=True), anyio.move_on_after(API_TIMEOUT_S):
                 await client.close()
-
-    async def __aenter__(self) -> DockerProvider:
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.aclose()
 
 
 class DockerSandbox:

@@ -51,14 +51,25 @@ import httpx
 from mcp_sandboxes.errors import NotFoundError, ProviderError, SandboxGoneError
 from mcp_sandboxes.providers._cleanup import removed_unless_ready
 from mcp_sandboxes.providers._labels import USER_LABEL, WORKDIR_LABEL, restorable_labels
-from mcp_sandboxes.providers._remote_http import (
+from mcp_sandboxes.providers.base import (
+    DEFAULT_CREATE_TIMEOUT_S,
+    DEFAULT_EXEC_TIMEOUT_S,
+    DEFAULT_FILE_TIMEOUT_S,
+    OWNER_LABEL,
+    Availability,
+    ExecResult,
+    ProviderLifecycle,
+    SandboxSpec,
+    check_exec_args,
+)
+from mcp_sandboxes.providers.remote._remote_http import (
     CLEANUP_TIMEOUT_S,
     RemoteApiError,
     RemoteNotFoundError,
     VendorClient,
     setting_or_env,
 )
-from mcp_sandboxes.providers._remote_shell import (
+from mcp_sandboxes.providers.remote._remote_shell import (
     SHELL,
     captured,
     end_holder,
@@ -72,17 +83,7 @@ from mcp_sandboxes.providers._remote_shell import (
     wait_until,
     wrap,
 )
-from mcp_sandboxes.providers._remote_stream import QueuedStream, followed
-from mcp_sandboxes.providers.base import (
-    DEFAULT_CREATE_TIMEOUT_S,
-    DEFAULT_EXEC_TIMEOUT_S,
-    DEFAULT_FILE_TIMEOUT_S,
-    OWNER_LABEL,
-    Availability,
-    ExecResult,
-    SandboxSpec,
-    check_exec_args,
-)
+from mcp_sandboxes.providers.remote._remote_stream import QueuedStream, followed
 
 NAME = "fly"
 DEFAULT_API_URL = "https://api.machines.dev"
@@ -116,7 +117,7 @@ def _exit_code(body: Mapping[str, Any]) -> int:
     return int(code) if isinstance(code, int) else -1
 
 
-class FlyProvider:
+class FlyProvider(ProviderLifecycle):
     name = NAME
 
     def __init__(

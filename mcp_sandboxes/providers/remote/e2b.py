@@ -37,10 +37,22 @@ import httpx
 from mcp_sandboxes.errors import InvalidInputError, NotFoundError, ProviderError, SandboxGoneError
 from mcp_sandboxes.providers._cleanup import removed_on_failure
 from mcp_sandboxes.providers._labels import owner_labels
-from mcp_sandboxes.providers._remote_http import setting_or_env
-from mcp_sandboxes.providers._remote_shell import quote, signal_name
-from mcp_sandboxes.providers._remote_stream import QueuedStream, run_collected, sole_exception
-from mcp_sandboxes.providers._remote_support import (
+from mcp_sandboxes.providers.base import (
+    DEFAULT_EXEC_TIMEOUT_S,
+    DEFAULT_FILE_TIMEOUT_S,
+    OWNER_LABEL,
+    Availability,
+    ExecResult,
+    ExecStream,
+    ProviderLifecycle,
+    Sandbox,
+    SandboxSpec,
+    check_exec_args,
+)
+from mcp_sandboxes.providers.remote._remote_http import setting_or_env
+from mcp_sandboxes.providers.remote._remote_shell import quote, signal_name
+from mcp_sandboxes.providers.remote._remote_stream import QueuedStream, run_collected, sole_exception
+from mcp_sandboxes.providers.remote._remote_support import (
     CLEANUP_TIMEOUT_S,
     ROOT_USERS,
     api_key_availability,
@@ -49,17 +61,6 @@ from mcp_sandboxes.providers._remote_support import (
     signal_exit_code,
     status_error,
     transport_error,
-)
-from mcp_sandboxes.providers.base import (
-    DEFAULT_EXEC_TIMEOUT_S,
-    DEFAULT_FILE_TIMEOUT_S,
-    OWNER_LABEL,
-    Availability,
-    ExecResult,
-    ExecStream,
-    Sandbox,
-    SandboxSpec,
-    check_exec_args,
 )
 
 DEFAULT_API_URL = "https://api.e2b.app"
@@ -111,7 +112,7 @@ def _envd_user(user: str | None) -> str | None:
     return "root" if user in ROOT_USERS else user
 
 
-class E2BProvider:
+class E2BProvider(ProviderLifecycle):
     name = "e2b"
 
     def __init__(self, settings: Mapping[str, Any]) -> None:

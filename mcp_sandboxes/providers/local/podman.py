@@ -22,7 +22,7 @@ from pydantic import Field, ValidationError
 
 from mcp_sandboxes.errors import ImageNotFoundError, InvalidInputError
 from mcp_sandboxes.providers.base import Availability, SandboxSpec
-from mcp_sandboxes.providers.docker import DockerProvider, DockerSettings
+from mcp_sandboxes.providers.local.docker import DockerProvider, DockerSettings
 
 PROVIDER_NAME = "podman"
 DEFAULT_SOCKET = "/run/mcp-sandboxes/podman.sock"
