@@ -9,10 +9,9 @@ from annotated_types import Ge, Le
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 from mcp_sandboxes.events import EVENT_TYPES, Usage
-from mcp_sandboxes.orchestrator import SessionStatus, describe_backends, provider_names
+from mcp_sandboxes.orchestrator import SessionStatus, WorkspaceSpec, describe_backends, provider_names
 from mcp_sandboxes.orchestrator.views import EnvironmentView, SessionView
 from mcp_sandboxes.specs import ResourceLimits
-from mcp_sandboxes.store import WorkspaceSpec
 
 MAX_WAIT_S = 600.0
 MAX_LONG_POLL_S = 60.0
