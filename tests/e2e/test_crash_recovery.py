@@ -6,6 +6,7 @@ command killed by its container's memory limit."""
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -206,7 +207,11 @@ async def test_a_server_killed_mid_turn_leaves_nothing_running_and_the_next_turn
             assert session["last_turn"]["status"] == "failed"
             assert "the server restarted during this turn" in session["last_turn"]["error"]
             error = session["last_turn"]["error"]
-            assert "killed 3 process(es)" in error and "claude" in error and LONG_COMMAND in error, error
+            # The CLI, its Bash tool's shell and the command at least; Claude Code may have another
+            # helper shell alive at that moment (seen: a shell-snapshot bash), so the count varies.
+            killed = re.search(r"killed (\d+) process\(es\)", error)
+            assert killed is not None and int(killed.group(1)) >= 3, error
+            assert "claude" in error and LONG_COMMAND in error, error
             restarted = [
                 e
                 for e in await all_events(mcp, session_id)
