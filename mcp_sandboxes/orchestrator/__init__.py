@@ -3,7 +3,7 @@
 The public surface is `__all__` (tests/test_public_surface.py keeps other rooms to it)."""
 
 from mcp_sandboxes.backends import describe_backends
-from mcp_sandboxes.orchestrator.core import PROGRESS_INTERVAL_S, Orchestrator, turn_view
+from mcp_sandboxes.orchestrator.core import PROGRESS_INTERVAL_S, Orchestrator, settled, turn_view
 from mcp_sandboxes.orchestrator.environments import EnvironmentRequest
 from mcp_sandboxes.orchestrator.permissions import Decision, PermissionRequest
 from mcp_sandboxes.orchestrator.providers import provider_names
@@ -29,5 +29,6 @@ __all__ = [
     "describe_backends",
     "provider_names",
     "render_transcript",
+    "settled",
     "turn_view",
 ]

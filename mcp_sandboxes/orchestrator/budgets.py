@@ -46,14 +46,6 @@ class TreeBudgets:
         self._journal = journal
         self._settings = settings
 
-    async def root_of(self, session_id: str) -> str:
-        current = await self._db.get_session(session_id)
-        for _ in range(64):  # parent links are bounded by the depth limit; this bounds a broken row
-            if current.parent_session_id is None:
-                break
-            current = await self._db.get_session(current.parent_session_id)
-        return current.id
-
     async def usage_below(self, session_id: str) -> TreeUsage:
         """The session and everything below it."""
         ids = [session_id, *await self._lineage.descendants(session_id)]
@@ -65,7 +57,7 @@ class TreeBudgets:
         """Before a new session (a child of `session_id`) or a new turn of `session_id`: refuse
         when its tree is at a cap. `field` names the caller's argument in the error."""
         limits = self._settings
-        root = await self.root_of(session_id)
+        root = await self._lineage.root(session_id)
         tree = await self.usage_below(root)
         problems: list[str] = []
         if new_session and limits.max_live_sessions and tree.live + 1 > limits.max_live_sessions:

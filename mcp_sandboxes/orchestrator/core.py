@@ -38,6 +38,7 @@ from mcp_sandboxes.orchestrator.reads import (
     TRANSCRIPT_URI,
     Progress,
     SessionReads,
+    settled,
     settled_or_asking,
     turn_view,
 )
@@ -368,6 +369,7 @@ __all__ = [
     "TRANSCRIPT_URI",
     "Orchestrator",
     "SessionWorker",
+    "settled",
     "settled_or_asking",
     "turn_view",
 ]

@@ -169,10 +169,14 @@ class SessionReads:
         return json.dumps([record.model_dump() for record in records], ensure_ascii=False)
 
 
+def settled(view: SessionView) -> bool:
+    """No turn running or queued."""
+    return view.status not in ("starting", "running") and not view.queued_turns
+
+
 def settled_or_asking(view: SessionView) -> bool:
-    """No turn running or queued, or waiting for someone to answer a permission prompt."""
-    idle = view.status not in ("starting", "running") and not view.queued_turns
-    return idle or bool(view.pending_permissions)
+    """Settled, or waiting for someone to answer a permission prompt."""
+    return settled(view) or bool(view.pending_permissions)
 
 
 def turn_view(turn: TurnRecord) -> TurnView:

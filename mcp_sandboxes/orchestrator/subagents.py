@@ -63,14 +63,22 @@ class Lineage:
     def __init__(self, db: Database) -> None:
         self._db = db
 
+    async def ancestry(self, session_id: str) -> list[str]:
+        """The session, its parent, and so on up to its tree's top session."""
+        current = await self._db.get_session(session_id)
+        chain = [current.id]
+        while current.parent_session_id is not None and len(chain) <= MAX_WALK:
+            current = await self._db.get_session(current.parent_session_id)
+            chain.append(current.id)
+        return chain
+
     async def depth(self, session_id: str) -> int:
         """0 for a top-level session, 1 for its child, and so on."""
-        depth = 0
-        current = await self._db.get_session(session_id)
-        while current.parent_session_id is not None and depth < MAX_WALK:
-            depth += 1
-            current = await self._db.get_session(current.parent_session_id)
-        return depth
+        return len(await self.ancestry(session_id)) - 1
+
+    async def root(self, session_id: str) -> str:
+        """The top session of the tree `session_id` belongs to."""
+        return (await self.ancestry(session_id))[-1]
 
     async def descendants(self, session_id: str) -> list[str]:
         """Every session below `session_id`, parents before their children."""

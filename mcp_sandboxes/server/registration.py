@@ -318,14 +318,7 @@ def _forbid_unknown_arguments(server: MCPServer[Any], name: str) -> None:
     """The SDK ignores arguments a tool does not declare; a typo such as `memory` for `memory_mb`
     would then silently do nothing. Reject them instead: in the published schema, and at
     validation (the tool's input model forbids extra keys)."""
+    _check_arguments_in_the_tool(server, name)
     registered = server._tool_manager.get_tool(name)
-    if registered is None:  # pragma: no cover - registered just above
-        raise RuntimeError(f"tool {name} was not registered")
-    metadata = registered.fn_metadata
-    registered.fn_metadata = _ArgumentsCheckedByTheTool(
-        arg_model=metadata.arg_model,
-        output_schema=metadata.output_schema,
-        output_model=metadata.output_model,
-        wrap_output=metadata.wrap_output,
-    )
-    registered.parameters["additionalProperties"] = False
+    if registered is not None:
+        registered.parameters["additionalProperties"] = False

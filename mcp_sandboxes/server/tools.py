@@ -13,7 +13,7 @@ from mcp_types import CallToolResult, TextContent, ToolAnnotations
 
 from mcp_sandboxes.errors import ConflictError, NotFoundError
 from mcp_sandboxes.orchestrator import Orchestrator
-from mcp_sandboxes.orchestrator.core import PROGRESS_INTERVAL_S, turn_view
+from mcp_sandboxes.orchestrator.core import PROGRESS_INTERVAL_S, settled, turn_view
 from mcp_sandboxes.orchestrator.environments import EnvironmentRequest
 from mcp_sandboxes.orchestrator.views import EnvironmentView, EventsPage, SessionView
 from mcp_sandboxes.server.auth import current_caller
@@ -226,8 +226,8 @@ def register_tools(server: MCPServer[Any], orchestrator: Orchestrator, call_scop
         views, timed_out = await orchestrator.wait_for_sessions(
             request.session_ids, mode=request.mode, max_wait_s=capped(request.timeout_s), progress=report
         )
-        settled = [v.session_id for v in views if v.status not in ("starting", "running") and not v.queued_turns]
-        return WaitForResult(sessions=views, settled=settled, timed_out=timed_out)
+        done = [view.session_id for view in views if settled(view)]
+        return WaitForResult(sessions=views, settled=done, timed_out=timed_out)
 
     async def read_events(request: ReadEventsInput) -> EventsPage:
         return await orchestrator.read_events(
