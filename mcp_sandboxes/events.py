@@ -185,6 +185,16 @@ class SandboxDestroyed(_Model):
     sandbox_id: str
 
 
+class NetworkRefused(_Model):
+    """The egress proxy of a sandbox in network mode "model" refused a request: a host not in
+    the environment's allow-list, an IP address, or a path that is no route."""
+
+    type: Literal["network.refused"] = "network.refused"
+    method: str
+    target: str
+    reason: str
+
+
 Event = Annotated[
     UserMessage
     | UserInterrupt
@@ -204,7 +214,8 @@ Event = Annotated[
     | UserToolConfirmation
     | SpanModelRequestEnd
     | SandboxProvisioned
-    | SandboxDestroyed,
+    | SandboxDestroyed
+    | NetworkRefused,
     Field(discriminator="type"),
 ]
 
@@ -232,6 +243,7 @@ EVENT_TYPES: frozenset[str] = frozenset(
         SpanModelRequestEnd,
         SandboxProvisioned,
         SandboxDestroyed,
+        NetworkRefused,
     )
 )
 

@@ -3,8 +3,9 @@ redaction of known secret values (and secret-shaped strings) in text shown to a 
 
 from __future__ import annotations
 
+import logging
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 MARKER = "[redacted]"
 # Values shorter than this are not replaced even when known: "1" or "true" would wreck any text.
@@ -56,3 +57,40 @@ def redact(text: str, secrets: Iterable[str] = ()) -> str:
     for secret in sorted({s for s in secrets if len(s) >= MIN_SECRET_LENGTH}, key=len, reverse=True):
         text = text.replace(secret, MARKER)
     return SECRET_VALUE.sub(MARKER, text)
+
+
+def redact_known(text: str, secrets: Iterable[str]) -> str:
+    """`text` with each known secret value (of MIN_SECRET_LENGTH or more) replaced by the marker,
+    longest first; nothing else changes (code an agent writes may hold secret-shaped strings)."""
+    for secret in sorted({s for s in secrets if len(s) >= MIN_SECRET_LENGTH}, key=len, reverse=True):
+        text = text.replace(secret, MARKER)
+    return text
+
+
+class RedactingFilter(logging.Filter):
+    """A handler filter that replaces known secret values in every record's message (the values
+    come from `secrets`, asked at each record: sessions come and go)."""
+
+    def __init__(self, secrets: Callable[[], Iterable[str]]) -> None:
+        super().__init__()
+        self._secrets = secrets
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        secrets = list(self._secrets())
+        if not secrets:
+            return True
+        message = record.getMessage()
+        redacted = redact_known(message, secrets)
+        if redacted != message:
+            record.msg, record.args = redacted, None
+        if record.exc_info and record.exc_info[1] is not None:
+            shown = str(record.exc_info[1])
+            if redact_known(shown, secrets) != shown:
+                # A traceback would print the secret again: keep the exception's redacted text only.
+                exc = record.exc_info[1]
+                record.exc_info, record.exc_text = None, None
+                record.msg, record.args = (
+                    f"{record.getMessage()} ({type(exc).__name__}: {redact_known(shown, secrets)})",
+                    None,
+                )
+        return True

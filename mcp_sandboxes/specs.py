@@ -18,7 +18,10 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-NetworkMode = Literal["none", "host"]
+# "none": loopback only. "model": loopback only, plus this server's egress proxy (the model API,
+# this server's agent endpoint and the environment's allowed hosts; see mcp_sandboxes/egress).
+# Providers get "model" sandboxes as "none" plus the proxy's mounts. "host": the host's network.
+NetworkMode = Literal["none", "model", "host"]
 
 
 class ResourceLimits(BaseModel):
@@ -49,6 +52,10 @@ class SandboxSpec(BaseModel):
     limits: ResourceLimits = Field(default_factory=ResourceLimits)
     mounts: list[Mount] = Field(default_factory=list)
     labels: dict[str, str] = Field(default_factory=dict)
+    allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description='Network "model": domain names the egress proxy lets through besides the model API.',
+    )
     read_only_root: bool = Field(
         default=False,
         description="Read-only root filesystem; only the workdir, the user's HOME and /tmp stay writable.",

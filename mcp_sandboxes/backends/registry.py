@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from mcp_sandboxes.backends.base import Backend
@@ -26,12 +26,28 @@ class BackendEntry:
 
     target: str
     label: str = ""
+    # The variables that point the CLI at its model API, with the vendor's public base URL: in
+    # network mode "model" they are set to the in-sandbox proxy even when the host leaves them
+    # unset, so the CLI never goes to its vendor directly (an empty default: only when set).
+    model_urls: Mapping[str, str] = field(default_factory=dict)
 
 
 _BACKENDS: dict[str, BackendEntry] = {
-    "claude": BackendEntry("mcp_sandboxes.backends.claude:ClaudeBackend.from_settings", "Claude Code"),
-    "codex": BackendEntry("mcp_sandboxes.backends.codex:CodexBackend.from_settings", "OpenAI Codex"),
-    "gemini": BackendEntry("mcp_sandboxes.backends.gemini:GeminiBackend.from_settings", "Gemini CLI"),
+    "claude": BackendEntry(
+        "mcp_sandboxes.backends.claude:ClaudeBackend.from_settings",
+        "Claude Code",
+        {"ANTHROPIC_BASE_URL": "https://api.anthropic.com"},
+    ),
+    "codex": BackendEntry(
+        "mcp_sandboxes.backends.codex:CodexBackend.from_settings",
+        "OpenAI Codex",
+        {"OPENAI_BASE_URL": "https://api.openai.com/v1"},
+    ),
+    "gemini": BackendEntry(
+        "mcp_sandboxes.backends.gemini:GeminiBackend.from_settings",
+        "Gemini CLI",
+        {"GOOGLE_GEMINI_BASE_URL": "https://generativelanguage.googleapis.com"},
+    ),
     "opencode": BackendEntry("mcp_sandboxes.backends.opencode:OpencodeBackend.from_settings", "OpenCode"),
     "factory": BackendEntry("mcp_sandboxes.backends.factory:FactoryBackend.from_settings", "Factory Droid"),
     "custom": BackendEntry("mcp_sandboxes.backends.custom:CustomBackend.from_settings", "a command from the config"),
@@ -40,6 +56,12 @@ _BACKENDS: dict[str, BackendEntry] = {
 
 def register(name: str, target: str, label: str = "") -> None:
     _BACKENDS[name] = BackendEntry(target, label)
+
+
+def model_urls(name: str) -> Mapping[str, str]:
+    """The backend's model base URL variables and their vendor defaults (see BackendEntry)."""
+    entry = _BACKENDS.get(name)
+    return entry.model_urls if entry is not None else {}
 
 
 def backend_names() -> list[str]:

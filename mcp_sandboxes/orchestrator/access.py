@@ -26,7 +26,7 @@ from mcp_sandboxes.providers.base import ResourceLimits, SandboxSpec
 from mcp_sandboxes.store import Database, DirectoryWorkspace, EnvironmentRecord, GitWorkspace, WorkspaceSpec
 
 # Wider networks reach more: an agent may only keep or narrow its own.
-NETWORK_REACH: dict[str, int] = {"none": 0, "host": 2}
+NETWORK_REACH: dict[str, int] = {"none": 0, "model": 1, "host": 2}
 
 
 class AgentAccess:
@@ -77,6 +77,14 @@ class AgentAccess:
                 f"{spec.network!r} reaches further than your own environment's {own.spec.network!r};"
                 f" use {own.spec.network!r} or narrower",
             )
+        if spec.network == "model" and own.spec.network == "model":
+            wider = sorted(set(spec.allowed_hosts) - set(own.spec.allowed_hosts))
+            if wider:
+                raise InvalidInputError(
+                    "allowed_hosts",
+                    f"{', '.join(wider)} not in your own environment's allow-list"
+                    f" ({', '.join(own.spec.allowed_hosts) or 'empty'}); use those or fewer",
+                )
         if own.spec.runtime is not None and spec.runtime != own.spec.runtime:
             raise InvalidInputError("runtime", f"must be {own.spec.runtime!r}, the runtime of your own environment")
         if own.spec.read_only_root and not spec.read_only_root:

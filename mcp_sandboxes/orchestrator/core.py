@@ -24,11 +24,13 @@ from anyio.streams.memory import MemoryObjectReceiveStream
 from mcp_sandboxes.backends.base import AgentSpec
 from mcp_sandboxes.backends.registry import backend_names
 from mcp_sandboxes.config import Settings
+from mcp_sandboxes.egress.plan import is_credential
 from mcp_sandboxes.errors import ConflictError, McpSandboxesError
 from mcp_sandboxes.events import ErrorInfo, SessionError, SessionStatusIdle, StopReason
 from mcp_sandboxes.orchestrator.access import AgentAccess
 from mcp_sandboxes.orchestrator.budgets import TreeBudgets
 from mcp_sandboxes.orchestrator.bus import EventBus, SessionChanged
+from mcp_sandboxes.orchestrator.egress import EgressService
 from mcp_sandboxes.orchestrator.environments import EnvironmentRequest, EnvironmentService
 from mcp_sandboxes.orchestrator.journal import EventJournal
 from mcp_sandboxes.orchestrator.permissions import PermissionBroker
@@ -72,10 +74,12 @@ class Orchestrator:
         self._environ = dict(os.environ if environ is None else environ)
         self.db = Database(settings.database_path)
         self.bus = EventBus()
-        self.journal = EventJournal(self.db, self.bus)
+        self.journal = EventJournal(self.db, self.bus, self.credential_values)
+        self.egress = EgressService(settings, self._environ, self.journal.emit)
         self.providers = ProviderPool(settings)
         self.access = AgentAccess(self.db, self.providers, settings.subagents)
         self.environments = EnvironmentService(self.db, self.providers, self.access, settings.workspaces)
+        self.environments.egress = self.egress
         self.lineage = Lineage(self.db)
         self.permissions = PermissionBroker(self.journal.emit, settings.permissions.timeout_s)
         # Further values to redact from what callers see (the server adds its operator token).
@@ -104,6 +108,7 @@ class Orchestrator:
             reads=self.reads,
             budgets=self.budgets,
             secret_values=self.secret_values,
+            egress=self.egress,
         )
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -114,8 +119,9 @@ class Orchestrator:
         (sandboxes stay: sessions survive a server restart) and close everything."""
         await self.db.open()
         try:
-            async with anyio.create_task_group() as task_group:
+            async with anyio.create_task_group() as task_group, self.egress.proxy() as proxy:
                 self.workers.attach_to(task_group)
+                self.egress.attach(proxy)
                 try:
                     await self._recover()
                     task_group.start_soon(self.workers.watch_sandboxes, name="sandbox-liveness")
@@ -124,6 +130,7 @@ class Orchestrator:
                     task_group.cancel_scope.cancel()
         finally:
             self.workers.attach_to(None)
+            self.egress.attach(None)
             with anyio.CancelScope(shield=True):
                 self.bus.close()
                 await self.providers.aclose()
@@ -142,6 +149,11 @@ class Orchestrator:
                     provider = await self.providers.get(env.provider)
                     sandbox = await provider.attach(session.sandbox_id)
                 backend = self.sessions.backend(session.backend)
+                if env is not None and env.spec.network == "model" and sandbox is not None:
+                    plan, backend = self.egress.backend_for(session.id, session.backend, env.spec.allowed_hosts)
+                    await self.egress.open(
+                        session.id, session.id, plan, agent_endpoint=session.token_sha256 is not None
+                    )
             except McpSandboxesError as exc:
                 logger.warning("session %s cannot be resumed: %s", session.id, exc)
                 sandbox = None
@@ -188,6 +200,12 @@ class Orchestrator:
     def subagent_url(self, url: str | None) -> None:
         self.sessions.subagent_url = url
 
+    async def set_subagent_url(self, url: str | None) -> None:
+        """Where agents call back, once the server listens; "model" sandboxes reach it through
+        their proxy, which forwards there from now on."""
+        self.sessions.subagent_url = url
+        await self.egress.set_agent_url(url)
+
     @property
     def turn_timeout_s(self) -> float:
         return self.workers.turn_timeout_s
@@ -195,6 +213,17 @@ class Orchestrator:
     @turn_timeout_s.setter
     def turn_timeout_s(self, seconds: float) -> None:
         self.workers.turn_timeout_s = seconds
+
+    def credential_values(self) -> list[str]:
+        """The credentials agent CLIs use (API keys passed on, or swapped in by the egress proxy):
+        no event, transcript or log line may show them."""
+        values = {
+            self._environ[name]
+            for backend, settings in self.settings.backends.items()
+            for name in settings.pass_env
+            if self._environ.get(name) and is_credential(name, settings)
+        }
+        return sorted(values | set(self.egress.credential_values()))
 
     def secret_values(self) -> list[str]:
         """Values no caller may see: the credentials handed to agent CLIs and the operator token."""

@@ -10,6 +10,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from mcp_sandboxes.config import WorkspaceSettings
 from mcp_sandboxes.errors import ConflictError, InvalidInputError, NotFoundError
 from mcp_sandboxes.orchestrator.access import AgentAccess
+from mcp_sandboxes.orchestrator.egress import (
+    EgressService,
+    provider_network,
+    refuse_model_network,
+)
 from mcp_sandboxes.orchestrator.providers import ProviderPool
 from mcp_sandboxes.orchestrator.views import EnvironmentView
 from mcp_sandboxes.orchestrator.workspaces import check_workspace, workspace_mounts
@@ -31,7 +36,9 @@ class EnvironmentRequest(BaseModel):
     image: str
     env: dict[str, str] = Field(default_factory=dict)
     workdir: str = "/workspace"
-    network: NetworkMode = "none"
+    # None: "model" where the provider can do it (the safe choice that reaches a model API), else "none".
+    network: NetworkMode | None = None
+    allowed_hosts: list[str] = Field(default_factory=list)
     limits: ResourceLimits = Field(default_factory=ResourceLimits)
     setup_commands: list[str] = Field(default_factory=list)
     read_only_root: bool = False
@@ -51,6 +58,9 @@ class EnvironmentService:
         self._providers = providers
         self._access = access
         self._workspaces = workspaces or WorkspaceSettings()
+        # Network mode "model" (set by the orchestrator): checked at creation, so that a missing
+        # forwarder shows here and not at the first spawn.
+        self.egress: EgressService | None = None
         # Set by the server when a host-network sandbox could call in as the operator (an operator
         # endpoint without a token): then no environment may use the host network.
         self.host_network_refusal: str | None = None
@@ -77,7 +87,15 @@ class EnvironmentService:
                     " Set it in the server's own environment and name it in backends.<backend>.pass_env"
                     " (API keys), or pass it to the agent some other way",
                 )
-        self.check_network(request.network)
+        # TODO(issue 11): "model" by default where supports_model_network(provider), once the proxy lands.
+        network = request.network or "none"
+        self.check_network(network)
+        if network == "model":
+            refuse_model_network(request.provider)
+        elif request.allowed_hosts:
+            raise InvalidInputError(
+                "allowed_hosts", f"applies to network 'model' only, not {network!r}; drop it or use network 'model'"
+            )
         workspace = None if request.workspace is None else check_workspace(request.workspace, self._workspaces)
         if workspace is not None and created_by_session is not None:
             await self._access.confine_workspace(created_by_session, workspace)
@@ -105,7 +123,8 @@ class EnvironmentService:
             image=request.image,
             env=request.env,
             workdir=request.workdir,
-            network=request.network,
+            network=network,
+            allowed_hosts=sorted(set(request.allowed_hosts)),
             limits=request.limits,
             read_only_root=request.read_only_root,
             runtime=request.runtime,
@@ -113,7 +132,11 @@ class EnvironmentService:
         )
         if created_by_session is not None:
             spec = await self._access.confine(created_by_session, request.provider, spec)
-        await self._providers.validate_spec(request.provider, spec)
+        await self._providers.validate_spec(
+            request.provider, spec.model_copy(update={"network": provider_network(spec)})
+        )
+        if network == "model" and self.egress is not None:
+            await self.egress.check_available()
         record = EnvironmentRecord(
             id=f"env_{uuid.uuid4().hex[:16]}",
             name=request.name,
@@ -149,6 +172,7 @@ class EnvironmentService:
             image=record.spec.image,
             workdir=record.spec.workdir,
             network=record.spec.network,
+            allowed_hosts=record.spec.allowed_hosts,
             limits=record.spec.limits,
             read_only_root=record.spec.read_only_root,
             runtime=record.spec.runtime,

@@ -17,6 +17,9 @@ class EnvironmentView(BaseModel):
     image: str
     workdir: str
     network: NetworkMode
+    allowed_hosts: list[str] = Field(
+        default_factory=list, description="Network 'model': domains reachable through the proxy besides the model API."
+    )
     limits: ResourceLimits
     read_only_root: bool = False
     runtime: str | None = None

@@ -16,6 +16,7 @@ from mcp_sandboxes import __version__
 from mcp_sandboxes.config import Settings
 from mcp_sandboxes.errors import McpSandboxesError
 from mcp_sandboxes.orchestrator import Orchestrator
+from mcp_sandboxes.redaction import RedactingFilter
 from mcp_sandboxes.server.auth import (
     Admission,
     BearerTokenMiddleware,
@@ -82,6 +83,11 @@ async def serve(
         else None
     )
     async with Orchestrator(settings).running() as orchestrator, anyio.create_task_group() as task_group:
+        # Logs are the third place a credential could show (events and transcripts are redacted
+        # by the journal): the known ones are replaced in every record the handlers write.
+        redacting = RedactingFilter(lambda: [*orchestrator.credential_values(), *orchestrator.extra_secrets])
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(redacting)
         operator_token = auth_token
         wants_token = transport == "http" or web_port is not None
         if wants_token and operator_token is None and settings.server.operator_auth == "token":
@@ -108,7 +114,7 @@ async def serve(
             url = await task_group.start(
                 _serve_agents_listener, server, identity, agents_listener, stopping, agents_done
             )
-            orchestrator.subagent_url = settings.subagents.url or url
+            await orchestrator.set_subagent_url(settings.subagents.url or url)
         else:
             agents_done.set()
         web = web_app(orchestrator, operator_token)

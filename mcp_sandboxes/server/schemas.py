@@ -95,6 +95,21 @@ EnvironmentName = Annotated[
     Field(min_length=1, max_length=MAX_NAME_CHARS),
     _matches(NAME_PATTERN, "1-63 letters, digits, '.', '_' or '-', starting with a letter or digit"),
 ]
+MAX_ALLOWED_HOSTS = 64
+_HOST_NAME = re.compile(
+    r"^(\*\.)?(?=.*[A-Za-z])[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$"
+)
+
+
+def _host_name(value: str) -> str:
+    if not _HOST_NAME.match(value) or len(value) > 253:
+        raise ValueError(
+            "must be a domain name like 'pypi.org' or '*.example.com' (no scheme, port, path or IP address)"
+        )
+    return value.lower()
+
+
+HostName = Annotated[str, Field(min_length=1, max_length=253), AfterValidator(_host_name)]
 Image = Annotated[
     str,
     Field(min_length=1, max_length=MAX_IMAGE_CHARS),
@@ -145,8 +160,20 @@ class CreateEnvironmentInput(_Input):
         f" {MAX_ENV_TOTAL_CHARS:,} characters in all).",
     )
     workdir: SandboxPath = Field(default="/workspace", description="Absolute working directory inside the sandbox.")
-    network: Literal["none", "host"] = Field(
-        default="none", description="'none': loopback only. 'host': the host's network (agents reaching a model API)."
+    network: Literal["none", "model", "host"] | None = Field(
+        default=None,
+        description="'model' (the default where the provider can: docker, podman, containerd, bubblewrap): no route"
+        " out; the agent reaches its model API, this server (for sub-agents) and `allowed_hosts` only, through"
+        " a proxy on the host that keeps the real API key (the sandbox holds a placeholder). 'none': loopback only"
+        " (no model API: only for the custom backend or setup-only use). 'host': the host's whole network,"
+        " every local service included, and the API key inside the sandbox; WARNING: opt in only when you"
+        " trust the agent with both.",
+    )
+    allowed_hosts: list[HostName] = Field(
+        default_factory=list,
+        max_length=MAX_ALLOWED_HOSTS,
+        description="Network 'model': further domain names the sandbox may reach through the proxy (HTTPS_PROXY),"
+        " e.g. 'pypi.org', 'files.pythonhosted.org' or '*.github.com'. Names only, no IP addresses.",
     )
     cpus: float | None = Field(
         default=None,
@@ -241,14 +268,14 @@ class SpawnAgentInput(_Input):
     subagents: bool = Field(
         default=False,
         description="Give the agent this server's tools (MCP server 'sandboxes') so it can spawn and steer its own"
-        " sub-agents, within the depth limit. Needs an environment with network='host'.",
+        " sub-agents, within the depth limit. Needs an environment with network 'model' or 'host'.",
     )
     ask_permissions: bool = Field(
         default=False,
         description="Claude only: when its permission mode asks about a tool call, ask here instead of refusing:"
         " the session shows session.requires_action, the human is asked through elicitation when the client"
         " supports it, and resolve_permission answers; unanswered prompts are denied after"
-        " permissions.timeout_s. Needs network='host'.",
+        " permissions.timeout_s. Needs network 'model' or 'host'.",
     )
     wait: bool = Field(default=False, description="Wait for the first turn to end and return its final message.")
     timeout_s: float = Field(

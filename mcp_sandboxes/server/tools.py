@@ -151,6 +151,7 @@ def register_tools(server: MCPServer[Any], orchestrator: Orchestrator, call_scop
                 env=request.env,
                 workdir=request.workdir,
                 network=request.network,
+                allowed_hosts=request.allowed_hosts,
                 limits=ResourceLimits(cpus=request.cpus, memory_mb=request.memory_mb, pids=request.pids_limit),
                 setup_commands=request.setup_commands,
                 read_only_root=request.read_only_root,

@@ -13,6 +13,7 @@ Picking a reply, in this order:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
 from collections.abc import Callable, Mapping
@@ -231,10 +232,29 @@ def redact_headers(headers: Mapping[str, str]) -> dict[str, str]:
     }
 
 
+def credential_digest(value: str) -> str:
+    """How the recorder remembers a credential it saw: never the value itself."""
+    return hashlib.sha256(value.encode("utf-8")).hexdigest()
+
+
 class Recorder:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._requests: list[RecordedRequest] = []
+        # Digests of every credential-bearing header value and `key` query value received (with
+        # "Bearer " stripped), so a test can tell which key reached the model API.
+        self._credentials: set[str] = set()
+
+    def saw_credentials(self, headers: Mapping[str, str], query: Mapping[str, str]) -> None:
+        values = [v for k, v in headers.items() if any(part in k.lower() for part in SECRET_HEADER_PARTS)]
+        values += [v for k, v in query.items() if k == "key"]
+        with self._lock:
+            for value in values:
+                self._credentials.add(credential_digest(value.removeprefix("Bearer ").strip()))
+
+    def received_credential(self, value: str) -> bool:
+        with self._lock:
+            return credential_digest(value) in self._credentials
 
     def add(self, request: RecordedRequest) -> None:
         with self._lock:

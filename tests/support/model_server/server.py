@@ -32,6 +32,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from tests.support.model_server import anthropic
 from tests.support.model_server.core import RecordedRequest, Recorder, Script, redact_headers
@@ -78,7 +79,23 @@ def build_app(script: Script, recorder: Recorder, vendors: Sequence[Any] = VENDO
 
     methods = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
     routes.append(Route("/{path:path}", side, methods=methods))
-    return Starlette(routes=routes)
+
+    app = Starlette(routes=routes)
+
+    class NoteCredentials:
+        """Pure ASGI (streamed responses pass untouched): which keys reached the model API."""
+
+        def __init__(self, inner: ASGIApp) -> None:
+            self.inner = inner
+
+        async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+            if scope["type"] == "http":
+                request = Request(scope)
+                recorder.saw_credentials(request.headers, request.query_params)
+            await self.inner(scope, receive, send)
+
+    app.add_middleware(NoteCredentials)
+    return app
 
 
 class ScriptedModelServer:
