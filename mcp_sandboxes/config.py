@@ -38,6 +38,21 @@ class ServerSettings(BaseModel):
         description="How often live sessions' sandboxes are checked for removal behind the server's back"
         " (a session whose sandbox vanished becomes failed).",
     )
+    idle_timeout_s: float = Field(
+        default=3600,
+        ge=0,
+        description="A live session with no turn running or queued for this long is stopped by the sweeper"
+        " (its history stays; its sandbox is removed). 0: never.",
+    )
+    sweep_interval_s: float = Field(
+        default=60, gt=0, le=3600, description="How often the sweeper looks for idle sessions and surplus pools."
+    )
+    max_sandboxes: int = Field(
+        default=0,
+        ge=0,
+        description="At most this many sandboxes at once (live sessions' plus warm pools'); a spawn beyond it"
+        " is refused as busy. 0: no cap.",
+    )
     sandbox_user: str | None = "agent"
     sandbox_home: str = "/home/agent"
     auth_token: str | None = Field(

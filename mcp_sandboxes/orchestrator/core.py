@@ -27,6 +27,7 @@ from mcp_sandboxes.config import Settings
 from mcp_sandboxes.egress.plan import is_credential
 from mcp_sandboxes.errors import ConflictError, McpSandboxesError
 from mcp_sandboxes.events import ErrorInfo, SessionError, SessionStatusIdle, StopReason
+from mcp_sandboxes.files import load_or_create_instance_id
 from mcp_sandboxes.orchestrator.access import AgentAccess
 from mcp_sandboxes.orchestrator.budgets import TreeBudgets
 from mcp_sandboxes.orchestrator.bus import EventBus, SessionChanged
@@ -46,6 +47,7 @@ from mcp_sandboxes.orchestrator.reads import (
 )
 from mcp_sandboxes.orchestrator.sessions import PERMISSION_PROMPT_TOOL, SessionService
 from mcp_sandboxes.orchestrator.subagents import Caller, Lineage
+from mcp_sandboxes.orchestrator.sweeper import Sweeper
 from mcp_sandboxes.orchestrator.views import EnvironmentView, EventsPage, SessionView
 from mcp_sandboxes.orchestrator.worker import SessionWorker, WorkerPool
 from mcp_sandboxes.orchestrator.workspaces import (
@@ -110,6 +112,7 @@ class Orchestrator:
             secret_values=self.secret_values,
             egress=self.egress,
         )
+        self.sweeper = Sweeper(settings, self.db, self.providers, self.workers, self.lineage, self.sessions)
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -119,12 +122,17 @@ class Orchestrator:
         (sandboxes stay: sessions survive a server restart) and close everything."""
         await self.db.open()
         try:
+            self.sessions.instance_id = await anyio.to_thread.run_sync(
+                load_or_create_instance_id, self.settings.server.data_dir.expanduser() / "instance-id"
+            )
             async with anyio.create_task_group() as task_group, self.egress.proxy() as proxy:
                 self.workers.attach_to(task_group)
                 self.egress.attach(proxy)
                 try:
                     await self._recover()
+                    await self.sweeper.reap_orphans()
                     task_group.start_soon(self.workers.watch_sandboxes, name="sandbox-liveness")
+                    task_group.start_soon(self.sweeper.run, name="sweeper")
                     yield self
                 finally:
                     task_group.cancel_scope.cancel()

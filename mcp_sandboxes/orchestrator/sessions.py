@@ -7,6 +7,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
 
 import anyio
 
@@ -27,6 +28,7 @@ from mcp_sandboxes.orchestrator.environments import EnvironmentService
 from mcp_sandboxes.orchestrator.journal import EventJournal
 from mcp_sandboxes.orchestrator.providers import ProviderPool
 from mcp_sandboxes.orchestrator.reads import SessionReads
+from mcp_sandboxes.orchestrator.sandboxes import SESSION_LABEL, SandboxCap, sandbox_spec
 from mcp_sandboxes.orchestrator.setup import apply_setup
 from mcp_sandboxes.orchestrator.subagents import (
     REDACTED_AUTHORIZATION,
@@ -43,6 +45,9 @@ from mcp_sandboxes.redaction import redact
 from mcp_sandboxes.store import Database, SessionRecord
 from mcp_sandboxes.store.database import utc_now
 from mcp_sandboxes.store.records import LIVE_STATUSES
+
+if TYPE_CHECKING:
+    from mcp_sandboxes.orchestrator.pool import WarmPool
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +96,15 @@ class SessionService:
         # The MCP endpoint sandboxed agents call back (set by the server once it listens); None:
         # sub-agents cannot be offered.
         self.subagent_url: str | None = None
+        # This server's instance id (set by the orchestrator at start): every sandbox carries it.
+        self.instance_id = ""
+        # server.max_sandboxes; the warm pools (set by the orchestrator) that spawns take from.
+        self.cap = SandboxCap(settings.server.max_sandboxes, self._count_live)
+        self.pool: WarmPool | None = None
+
+    async def _count_live(self) -> int:
+        """Sandboxes held by sessions: the live ones' (a stopped one's is removed as it stops)."""
+        return sum(1 for s in await self._db.list_sessions(LIVE_STATUSES) if s.sandbox_id)
 
     async def spawn_agent(
         self,
@@ -166,16 +180,23 @@ class SessionService:
         session_id = f"ses_{uuid.uuid4().hex[:20]}"
         # A provider that runs everything as the server's own user (process) takes no user name.
         user = None if getattr(provider, "ignores_user", False) else self._settings.server.sandbox_user
-        spec = env_spec.model_copy(
-            update={
-                "name": f"mcp-sandboxes-{session_id}",
-                "mounts": [*env_spec.mounts, *backend.mounts()],
-                "labels": {**env_spec.labels, "io.mcp-sandboxes.session": session_id},
-                "user": env_spec.user or user,
-            }
+        spec = sandbox_spec(
+            env_spec,
+            name=f"mcp-sandboxes-{session_id}",
+            labels={SESSION_LABEL: session_id},
+            mounts=backend.mounts(),
+            user=user,
+            instance_id=self.instance_id,
         )
         started = time.monotonic()
-        sandbox = await provider.create(spec)
+        # A warm pool's sandbox when one fits (an agent's confined spec must be the environment's own).
+        taken = None if self.pool is None or env_spec != env.spec else self.pool.take(env.id, spec)
+        hold = taken[1] if taken else await self.cap.hold(for_environment=env.id)
+        try:
+            sandbox = taken[0] if taken else await provider.create(spec)
+        except BaseException:
+            hold.release()
+            raise
         try:
             # The workspace first: setup commands may build what it brings in.
             base, branch = await SandboxWorkspace(sandbox, spec.workdir, spec.user).set_up(
@@ -208,6 +229,8 @@ class SessionService:
             with anyio.CancelScope(shield=True), anyio.move_on_after(DESTROY_TIMEOUT_S):
                 await provider.destroy(sandbox.id)
             raise
+        finally:
+            hold.release()
         await self._journal.emit(
             session_id,
             [
@@ -302,17 +325,18 @@ class SessionService:
             await running.done.wait()
         return await self._reads.get_session(session_id)
 
-    async def stop_session(self, session_id: str) -> SessionView:
+    async def stop_session(self, session_id: str, *, reason: str | None = None) -> SessionView:
         """Stops the session and, first, every sub-agent it spawned (children before parents, so
-        none outlives the agent it reports to)."""
+        none outlives the agent it reports to). `reason` (default: by request) becomes each one's
+        stop reason and is said in its session.status_terminated event."""
         await self._db.get_session(session_id)  # NotFoundError for unknown ids
         for child_id in reversed(await self._lineage.descendants(session_id)):
             child = await self._db.get_session(child_id)
             if child.status in LIVE_STATUSES or child.sandbox_id:
-                await self._stop_one(child_id)
-        return await self._stop_one(session_id)
+                await self._stop_one(child_id, reason)
+        return await self._stop_one(session_id, reason)
 
-    async def _stop_one(self, session_id: str) -> SessionView:
+    async def _stop_one(self, session_id: str, reason: str | None = None) -> SessionView:
         session = await self._db.get_session(session_id)
         if session.status in ("stopped", "failed") and session_id not in self._workers:
             if session.sandbox_id:
@@ -337,9 +361,9 @@ class SessionService:
                 await worker.exited.wait()
         await self._journal.fail_queued(session_id, "session stopped")
         await self._destroy_sandbox(session)
-        await self._journal.set_status(session_id, "stopped", stop_reason=session.stop_reason)
+        await self._journal.set_status(session_id, "stopped", stop_reason=reason or session.stop_reason)
         await self._journal.emit(
-            session_id, [SessionStatusTerminated(reason="stopped by request")], status_changed=True
+            session_id, [SessionStatusTerminated(reason=reason or "stopped by request")], status_changed=True
         )
         return await self._reads.get_session(session_id)
 

@@ -7,7 +7,7 @@ Providers know their engine and nothing about agents.
 from __future__ import annotations
 
 import signal as _signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from types import TracebackType
@@ -134,6 +134,17 @@ class Provider(Protocol):
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None: ...
+
+
+@runtime_checkable
+class ListsByLabel(Protocol):
+    """A provider that can find its sandboxes by label (docker, podman, containerd, bubblewrap,
+    process): the orchestrator then reaps what its own instance left behind, and finds its warm
+    pools again after a restart. Providers without it are never swept."""
+
+    async def list_labelled(self, labels: Mapping[str, str]) -> list[str]:
+        """Ids of the owned sandboxes that carry every one of `labels` with exactly that value."""
+        ...
 
 
 class ProviderLifecycle:

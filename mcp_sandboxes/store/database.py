@@ -200,6 +200,11 @@ class Database:
         rows = await self._fetchall("SELECT * FROM environments WHERE deleted_at IS NULL ORDER BY created_at, id")
         return [self._environment(row) for row in rows]
 
+    async def environment_providers(self) -> list[str]:
+        """Every provider an environment ever used, deleted ones' too (their sandboxes may linger)."""
+        rows = await self._fetchall("SELECT DISTINCT provider FROM environments ORDER BY provider")
+        return [str(row[0]) for row in rows]
+
     async def delete_environment(self, env_id: str, *, purge: bool = False) -> None:
         """Mark the environment deleted; its sessions, turns and events stay readable. With
         `purge`, remove those sessions and their history too (sub-agents they spawned in other

@@ -19,7 +19,7 @@ import shutil
 import stat
 import sys
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -130,6 +130,18 @@ def list_sandbox_dirs(state_dir: Path, prefix: str) -> list[str]:
     except FileNotFoundError:
         return []
     return sorted(name for name in names if is_sandbox_id(name) and name.startswith(prefix + "-"))
+
+
+def list_labelled(state_dir: Path, prefix: str, labels: Mapping[str, str]) -> list[str]:
+    """The sandboxes whose metadata carries every one of `labels` (a directory without
+    metadata carries none)."""
+    found: list[str] = []
+    for name in list_sandbox_dirs(state_dir, prefix):
+        metadata = read_metadata(SandboxDirs(state_dir / name))
+        own = (metadata or {}).get("labels")
+        if isinstance(own, dict) and all(own.get(key) == value for key, value in labels.items()):
+            found.append(name)
+    return found
 
 
 def remove_tree(path: Path) -> None:

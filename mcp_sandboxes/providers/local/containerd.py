@@ -168,6 +168,8 @@ INIT_CANDIDATES = ("catatonit", "tini-static", "docker-init")
 _STDIN_PREAMBLE = b"\n"
 _EXEC_WRAPPER = f"read -r _ || exit 125; {_WRAPPER}"
 _IDENTIFIER = re.compile(r"^[A-Za-z0-9]+(?:[._-][A-Za-z0-9]+)*$")
+# Label keys and values list_labelled passes into a ctr filter unquoted.
+_FILTER_SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]*$")
 _MAX_ID_LENGTH = 76
 # get_file/put_file exit codes for what is not a readable/writable regular file.
 _IS_DIRECTORY = 21
@@ -591,6 +593,19 @@ class ContainerdProvider(ProviderLifecycle):
             ["containers", "list", "--quiet", f'labels."{OWNER_LABEL}"'],
             action="listing containers",
             limit_s=API_TIMEOUT_S,
+        )
+        return listed.decode("utf-8", "replace").split()
+
+    async def list_labelled(self, labels: Mapping[str, str]) -> list[str]:
+        for key, value in labels.items():
+            if not _FILTER_SAFE.match(key) or not _FILTER_SAFE.match(value):
+                raise InvalidInputError(
+                    f"labels.{key}", "only letters, digits, '.', '_', '-' and '/' can be filtered on"
+                )
+        # One filter with comma-separated parts: ctr ANDs those (separate filters would be ORed).
+        wanted = ",".join([f'labels."{OWNER_LABEL}"', *(f'labels."{key}"=={value}' for key, value in labels.items())])
+        listed = await self.ctr.checked(
+            ["containers", "list", "--quiet", wanted], action="listing containers", limit_s=API_TIMEOUT_S
         )
         return listed.decode("utf-8", "replace").split()
 

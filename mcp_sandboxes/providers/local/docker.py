@@ -434,6 +434,13 @@ class DockerProvider(ProviderLifecycle):
             containers = await self.client().containers.list(all=True, filters={"label": [OWNER_LABEL]})
         return [str(container.id) for container in containers]
 
+    async def list_labelled(self, labels: Mapping[str, str]) -> list[str]:
+        # The engine ANDs label filters (Docker and Podman's compatible API alike).
+        wanted = [OWNER_LABEL, *(f"{key}={value}" for key, value in labels.items())]
+        async with self.call("listing containers", API_TIMEOUT_S):
+            containers = await self.client().containers.list(all=True, filters={"label": wanted})
+        return [str(container.id) for container in containers]
+
     async def aclose(self) -> None:
         self._closed = True
         client, self._client = self._client, None

@@ -54,6 +54,7 @@ from mcp_sandboxes.providers.local._local_state import (
     SandboxDirs,
     ensure_present,
     is_sandbox_id,
+    list_labelled,
     list_sandbox_dirs,
     new_metadata,
     new_sandbox_id,
@@ -161,6 +162,9 @@ class ProcessProvider(ProviderLifecycle):
 
     async def list_owned(self) -> list[str]:
         return await anyio.to_thread.run_sync(list_sandbox_dirs, self.state_dir, ID_PREFIX)
+
+    async def list_labelled(self, labels: Mapping[str, str]) -> list[str]:
+        return await anyio.to_thread.run_sync(list_labelled, self.state_dir, ID_PREFIX, dict(labels))
 
     async def aclose(self) -> None:
         with anyio.CancelScope(shield=True):
