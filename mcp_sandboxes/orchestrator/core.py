@@ -25,16 +25,17 @@ from mcp_sandboxes.backends.base import AgentSpec
 from mcp_sandboxes.backends.registry import backend_names
 from mcp_sandboxes.config import Settings
 from mcp_sandboxes.egress.plan import is_credential
-from mcp_sandboxes.errors import ConflictError, McpSandboxesError
+from mcp_sandboxes.errors import ConflictError, InvalidInputError, McpSandboxesError
 from mcp_sandboxes.events import ErrorInfo, SessionError, SessionStatusIdle, StopReason
 from mcp_sandboxes.files import load_or_create_instance_id
 from mcp_sandboxes.orchestrator.access import AgentAccess
 from mcp_sandboxes.orchestrator.budgets import TreeBudgets
 from mcp_sandboxes.orchestrator.bus import EventBus, SessionChanged
-from mcp_sandboxes.orchestrator.egress import EgressService
+from mcp_sandboxes.orchestrator.egress import EgressService, supports_model_network
 from mcp_sandboxes.orchestrator.environments import EnvironmentRequest, EnvironmentService
 from mcp_sandboxes.orchestrator.journal import EventJournal
 from mcp_sandboxes.orchestrator.permissions import PermissionBroker
+from mcp_sandboxes.orchestrator.pool import WarmPool
 from mcp_sandboxes.orchestrator.providers import ProviderPool
 from mcp_sandboxes.orchestrator.reads import (
     PROGRESS_INTERVAL_S,
@@ -61,7 +62,7 @@ from mcp_sandboxes.orchestrator.workspaces import (
     export_session,
     workspace_base,
 )
-from mcp_sandboxes.providers.base import Sandbox
+from mcp_sandboxes.providers.base import Mount, Sandbox
 from mcp_sandboxes.store import Database, EnvironmentRecord, EventRecord, SessionRecord
 from mcp_sandboxes.store.records import LIVE_STATUSES, SessionStatus, TurnRecord
 
@@ -113,6 +114,16 @@ class Orchestrator:
             egress=self.egress,
         )
         self.sweeper = Sweeper(settings, self.db, self.providers, self.workers, self.lineage, self.sessions)
+        self.pool = WarmPool(
+            self.db,
+            self.providers,
+            self.sessions.cap,
+            instance_id=lambda: self.sessions.instance_id,
+            mounts=self._pool_mounts,
+            sandbox_user=settings.server.sandbox_user,
+            secret_values=self.secret_values,
+        )
+        self.sessions.pool = self.sweeper.pool = self.pool
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -127,9 +138,11 @@ class Orchestrator:
             )
             async with anyio.create_task_group() as task_group, self.egress.proxy() as proxy:
                 self.workers.attach_to(task_group)
+                self.pool.attach_to(task_group)
                 self.egress.attach(proxy)
                 try:
                     await self._recover()
+                    await self._adopt_pools()
                     await self.sweeper.reap_orphans()
                     task_group.start_soon(self.workers.watch_sandboxes, name="sandbox-liveness")
                     task_group.start_soon(self.sweeper.run, name="sweeper")
@@ -138,11 +151,32 @@ class Orchestrator:
                     task_group.cancel_scope.cancel()
         finally:
             self.workers.attach_to(None)
+            self.pool.attach_to(None)
+            await self.pool.aclose()
             self.egress.attach(None)
             with anyio.CancelScope(shield=True):
                 self.bus.close()
                 await self.providers.aclose()
                 await self.db.aclose()
+
+    async def _adopt_pools(self) -> None:
+        """After a restart: the warm pools refill, taking back their sandboxes that still fit."""
+        for environment_id, size in (await self.db.warm_pools()).items():
+            env = await self.db.find_environment(environment_id)
+            if env is not None:
+                await self.pool.configure(env, size, adopt=True)
+
+    def _pool_mounts(self) -> list[Mount]:
+        """Every backend's mounts, one per target: a pooled sandbox may run any agent (a backend
+        whose CLI is not configured, or is broken, adds nothing; its spawns then start cold)."""
+        mounts: dict[str, Mount] = {}
+        for name in backend_names():
+            try:
+                for mount in self.sessions.backend(name).mounts():
+                    mounts.setdefault(mount.target, mount)
+            except McpSandboxesError:
+                continue
+        return list(mounts.values())
 
     async def _recover(self) -> None:
         """After a restart: reattach live sessions' sandboxes, close turns cut off mid-way and
@@ -247,11 +281,37 @@ class Orchestrator:
     async def create_environment(
         self, request: EnvironmentRequest, *, caller_session_id: str | None = None
     ) -> EnvironmentView:
-        """`caller_session_id`: an agent creating it, confined to what its own environment allows."""
-        return await self.environments.create(request, created_by_session=caller_session_id)
+        """`caller_session_id`: an agent creating it, confined to what its own environment allows.
+        `request.warm_pool`: sandboxes kept started for its spawns (the operator's choice only)."""
+        size = request.warm_pool
+        if size:
+            self._check_warm_pool(request, size, caller_session_id)
+        view = await self.environments.create(request, created_by_session=caller_session_id)
+        if size:
+            await self.db.set_warm_pool(view.id, size)
+            await self.pool.configure(await self.environments.get(view.id), size)
+        return self._with_pool(view)
+
+    def _check_warm_pool(self, request: EnvironmentRequest, size: int, caller_session_id: str | None) -> None:
+        if caller_session_id is not None:
+            raise InvalidInputError("warm_pool", "only the operator may keep sandboxes started; leave it 0")
+        network = request.network or ("model" if supports_model_network(request.provider) else "none")
+        if network == "model":
+            # A "model" sandbox's proxy mounts are made per session, so it cannot be started before one.
+            raise InvalidInputError(
+                "warm_pool", "environments on network 'model' cannot keep a warm pool yet; leave it 0"
+            )
+        cap = self.settings.server.max_sandboxes
+        if cap and size > cap:
+            raise InvalidInputError(
+                "warm_pool", f"{size} is more than server.max_sandboxes ({cap}); ask for {cap} or fewer"
+            )
+
+    def _with_pool(self, view: EnvironmentView) -> EnvironmentView:
+        return view.model_copy(update=self.pool.describe(view.id))
 
     async def list_environments(self) -> list[EnvironmentView]:
-        return await self.environments.list_all()
+        return [self._with_pool(view) for view in await self.environments.list_all()]
 
     async def delete_environment(self, id_or_name: str, *, force: bool = False, purge: bool = False) -> EnvironmentView:
         """Stopped sessions keep their history (events, transcripts) unless `purge`."""
@@ -265,8 +325,9 @@ class Orchestrator:
             )
         for session_id in live:
             await self.sessions.stop_session(session_id)
+        await self.pool.drain(record.id)
         await self.db.delete_environment(record.id, purge=purge)
-        return view.model_copy(update={"state": "deleted", "state_detail": None, "live_sessions": 0})
+        return view.model_copy(update={"state": "deleted", "state_detail": None, "live_sessions": 0, "warm_ready": 0})
 
     # -- sessions ----------------------------------------------------------------------------
 

@@ -44,6 +44,9 @@ class EnvironmentRequest(BaseModel):
     read_only_root: bool = False
     runtime: str | None = None
     workspace: WorkspaceSpec | None = None
+    warm_pool: int = Field(
+        default=0, ge=0, le=16, description="Sandboxes kept started for spawns to take (a warm pool); 0: none."
+    )
 
 
 class EnvironmentService:

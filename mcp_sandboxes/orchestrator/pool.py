@@ -222,6 +222,7 @@ class WarmPool:
         pool = max(candidates, key=lambda p: len(p.ready))
         pooled = pool.ready.pop()
         await self._destroy(pool.environment.provider, pooled.sandbox.id)
+        pool.wake.set()  # its refill finds no room, and says so in the environment's view
         return True
 
     async def aclose(self) -> None:

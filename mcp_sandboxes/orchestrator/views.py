@@ -33,6 +33,11 @@ class EnvironmentView(BaseModel):
     state_detail: str | None = None
     live_sessions: int
     created_at: str
+    warm_pool: int = Field(default=0, description="Sandboxes it keeps started for spawns to take.")
+    warm_ready: int = Field(default=0, description="Of those, how many are started and waiting now.")
+    warm_pool_error: str | None = Field(
+        default=None, description="Why the pool is not full, when it is not (the last failure, or max_sandboxes)."
+    )
 
 
 class TurnView(BaseModel):

@@ -216,6 +216,13 @@ class CreateEnvironmentInput(_Input):
         " only under the server's workspaces.allowed_roots. Each session of a git or copied workspace works"
         " on its own branch mcp-sandboxes/<session_id>; session_diff and export_changes take the work out.",
     )
+    warm_pool: int = Field(
+        default=0,
+        ge=0,
+        le=16,
+        description="Sandboxes kept started for this environment, so spawn_agent takes one instead of waiting"
+        " for the engine (refilled in the background; they count toward server.max_sandboxes). 0: none.",
+    )
 
     @field_validator("env")
     @classmethod

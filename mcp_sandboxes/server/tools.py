@@ -157,6 +157,7 @@ def register_tools(server: MCPServer[Any], orchestrator: Orchestrator, call_scop
                 read_only_root=request.read_only_root,
                 runtime=request.runtime,
                 workspace=request.workspace,
+                warm_pool=request.warm_pool,
             ),
             caller_session_id=caller.session_id,
         )

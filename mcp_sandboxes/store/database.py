@@ -200,6 +200,15 @@ class Database:
         rows = await self._fetchall("SELECT * FROM environments WHERE deleted_at IS NULL ORDER BY created_at, id")
         return [self._environment(row) for row in rows]
 
+    async def set_warm_pool(self, env_id: str, size: int) -> None:
+        async with self._transaction() as conn:
+            await conn.execute("UPDATE environments SET warm_pool = ? WHERE id = ?", (size, env_id))
+
+    async def warm_pools(self) -> dict[str, int]:
+        """Live environments' warm pool sizes, those above 0."""
+        rows = await self._fetchall("SELECT id, warm_pool FROM environments WHERE deleted_at IS NULL AND warm_pool > 0")
+        return {str(row[0]): int(row[1]) for row in rows}
+
     async def environment_providers(self) -> list[str]:
         """Every provider an environment ever used, deleted ones' too (their sandboxes may linger)."""
         rows = await self._fetchall("SELECT DISTINCT provider FROM environments ORDER BY provider")

@@ -114,4 +114,11 @@ MIGRATIONS: list[tuple[int, str]] = [
         ALTER TABLE sessions ADD COLUMN workspace_branch TEXT;
         """,
     ),
+    (
+        8,
+        # Warm pools: how many started sandboxes an environment keeps ready for spawns (0: none).
+        """
+        ALTER TABLE environments ADD COLUMN warm_pool INTEGER NOT NULL DEFAULT 0;
+        """,
+    ),
 ]
