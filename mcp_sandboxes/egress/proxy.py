@@ -72,6 +72,8 @@ _READ_SIZE = 65536
 DEFAULT_MAX_CONNECTIONS = 64
 REPORT_TIMEOUT_S = 10.0
 _UNIX_PATH_MAX = 107
+# The most request body the proxy reads and drops to keep a connection open after refusing it.
+_DRAIN_LIMIT = 65536
 
 
 class ModelRoute(BaseModel):
@@ -269,9 +271,25 @@ class _Wire:
             else:  # ConnectionClosed mid-body
                 raise _ClientGone("the sandbox side closed during the request body")
 
+    async def drain(self, limit: int = _DRAIN_LIMIT) -> None:
+        """Read (and drop) the rest of a small request body we answer without forwarding, so the
+        connection can carry the next request; a larger one, or one still waiting for
+        100-continue, is left unread (the answer then closes the connection)."""
+        if self.conn.their_state is not h11.SEND_BODY or self.conn.they_are_waiting_for_100_continue:
+            return
+        dropped = 0
+        while dropped <= limit:
+            event = await self.next_event()
+            if isinstance(event, h11.Data):
+                dropped += len(event.data)
+            else:
+                return
+
     async def simple(self, status: int, text: str, *, close: bool = False) -> None:
         body = (text.rstrip("\n") + "\n").encode()
         headers = [("content-type", "text/plain; charset=utf-8"), ("content-length", str(len(body)))]
+        if not close:
+            await self.drain()
         if close or self.conn.their_state is not h11.DONE:
             # The request body was not read: the connection cannot carry another request.
             headers.append(("connection", "close"))
