@@ -10,7 +10,7 @@ from mcp_sandboxes.orchestrator.providers import provider_names
 from mcp_sandboxes.orchestrator.subagents import OPERATOR, Caller, Lineage
 from mcp_sandboxes.orchestrator.transcript import render_transcript
 from mcp_sandboxes.orchestrator.views import EnvironmentView, EventsPage, SessionView
-from mcp_sandboxes.store.records import SessionStatus, WorkspaceSpec
+from mcp_sandboxes.store.records import Packages, SessionStatus, WorkspaceSpec
 
 __all__ = [
     "OPERATOR",
@@ -22,6 +22,7 @@ __all__ = [
     "EventsPage",
     "Lineage",
     "Orchestrator",
+    "Packages",
     "PermissionRequest",
     "SessionStatus",
     "SessionView",

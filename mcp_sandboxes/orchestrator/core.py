@@ -36,6 +36,7 @@ from mcp_sandboxes.orchestrator.environments import EnvironmentRequest, Environm
 from mcp_sandboxes.orchestrator.journal import EventJournal
 from mcp_sandboxes.orchestrator.permissions import PermissionBroker
 from mcp_sandboxes.orchestrator.pool import WarmPool
+from mcp_sandboxes.orchestrator.preparation import Preparations
 from mcp_sandboxes.orchestrator.providers import ProviderPool
 from mcp_sandboxes.orchestrator.reads import (
     PROGRESS_INTERVAL_S,
@@ -82,6 +83,8 @@ class Orchestrator:
         self.providers = ProviderPool(settings)
         self.access = AgentAccess(self.db, self.providers, settings.subagents)
         self.environments = EnvironmentService(self.db, self.providers, self.access, settings.workspaces)
+        self.preparations = Preparations(self.db, self.providers, self.secret_values)
+        self.environments.preparations = self.preparations
         self.environments.egress = self.egress
         self.lineage = Lineage(self.db)
         self.permissions = PermissionBroker(self.journal.emit, settings.permissions.timeout_s)
@@ -138,10 +141,12 @@ class Orchestrator:
             )
             async with anyio.create_task_group() as task_group, self.egress.proxy() as proxy:
                 self.workers.attach_to(task_group)
+                self.preparations.attach_to(task_group)
                 self.pool.attach_to(task_group)
                 self.egress.attach(proxy)
                 try:
                     await self._recover()
+                    await self.preparations.resume()
                     await self._adopt_pools()
                     await self.sweeper.reap_orphans()
                     task_group.start_soon(self.workers.watch_sandboxes, name="sandbox-liveness")
@@ -151,6 +156,7 @@ class Orchestrator:
                     task_group.cancel_scope.cancel()
         finally:
             self.workers.attach_to(None)
+            self.preparations.attach_to(None)
             self.pool.attach_to(None)
             await self.pool.aclose()
             self.egress.attach(None)
@@ -310,6 +316,14 @@ class Orchestrator:
     def _with_pool(self, view: EnvironmentView) -> EnvironmentView:
         return view.model_copy(update=self.pool.describe(view.id))
 
+    async def wait_for_environment(
+        self, id_or_name: str, max_wait_s: float, progress: Progress | None = None
+    ) -> EnvironmentView:
+        """Until the environment's image preparation ends (or `max_wait_s`); `progress` hears each step."""
+        record = await self.environments.get(id_or_name)
+        await self.preparations.wait(record.id, max_wait_s, progress)
+        return await self.environments.view(await self.environments.get(record.id))
+
     async def list_environments(self) -> list[EnvironmentView]:
         return [self._with_pool(view) for view in await self.environments.list_all()]
 
@@ -326,6 +340,7 @@ class Orchestrator:
         for session_id in live:
             await self.sessions.stop_session(session_id)
         await self.pool.drain(record.id)
+        self.preparations.cancel(record.id)
         await self.db.delete_environment(record.id, purge=purge)
         return view.model_copy(update={"state": "deleted", "state_detail": None, "live_sessions": 0, "warm_ready": 0})
 

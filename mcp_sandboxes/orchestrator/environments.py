@@ -15,12 +15,13 @@ from mcp_sandboxes.orchestrator.egress import (
     provider_network,
     refuse_model_network,
 )
+from mcp_sandboxes.orchestrator.preparation import Preparations
 from mcp_sandboxes.orchestrator.providers import ProviderPool
 from mcp_sandboxes.orchestrator.views import EnvironmentView
 from mcp_sandboxes.orchestrator.workspaces import check_workspace, workspace_mounts
 from mcp_sandboxes.providers.base import NetworkMode, ResourceLimits, SandboxSpec
 from mcp_sandboxes.redaction import looks_like_secret_name, looks_like_secret_value
-from mcp_sandboxes.store import Database, EnvironmentRecord, WorkspaceSpec
+from mcp_sandboxes.store import Database, EnvironmentRecord, Packages, WorkspaceSpec
 from mcp_sandboxes.store.database import utc_now
 from mcp_sandboxes.store.records import LIVE_STATUSES
 
@@ -41,6 +42,7 @@ class EnvironmentRequest(BaseModel):
     allowed_hosts: list[str] = Field(default_factory=list)
     limits: ResourceLimits = Field(default_factory=ResourceLimits)
     setup_commands: list[str] = Field(default_factory=list)
+    packages: Packages = Field(default_factory=Packages)
     read_only_root: bool = False
     runtime: str | None = None
     workspace: WorkspaceSpec | None = None
@@ -61,6 +63,8 @@ class EnvironmentService:
         self._providers = providers
         self._access = access
         self._workspaces = workspaces or WorkspaceSettings()
+        # Prepared images (set by the orchestrator): packages and setup commands run once.
+        self.preparations: Preparations | None = None
         # Network mode "model" (set by the orchestrator): checked at creation, so that a missing
         # forwarder shows here and not at the first spawn.
         self.egress: EgressService | None = None
@@ -140,17 +144,30 @@ class EnvironmentService:
         )
         if network == "model" and self.egress is not None:
             await self.egress.check_available()
+        prepared_image, prep_note = (None, None)
+        if self.preparations is not None:
+            prepared_image, prep_note = await self.preparations.plan(
+                request.provider, spec, request.packages, request.setup_commands
+            )
+        elif not request.packages.empty():
+            raise InvalidInputError("packages", "this server cannot prepare images; use setup_commands")
         record = EnvironmentRecord(
             id=f"env_{uuid.uuid4().hex[:16]}",
             name=request.name,
             provider=request.provider,
             spec=spec,
             setup_commands=request.setup_commands,
+            packages=request.packages,
+            prep_state=None if prepared_image is None else "preparing",
+            prep_detail=prep_note,
+            prepared_image=prepared_image,
             created_at=utc_now(),
             created_by_session=created_by_session,
             workspace=workspace,
         )
         await self._db.insert_environment(record)
+        if prepared_image is not None and self.preparations is not None:
+            self.preparations.start(record)
         return await self.view(record)
 
     async def get(self, id_or_name: str) -> EnvironmentRecord:
@@ -164,9 +181,13 @@ class EnvironmentService:
 
     async def view(self, record: EnvironmentRecord) -> EnvironmentView:
         live = await self._db.list_sessions(LIVE_STATUSES, environment_id=record.id)
-        state, detail = "ready", None
+        state: str = record.prep_state or "ready"
+        detail = record.prep_detail
+        if state == "preparing" and self.preparations is not None:
+            step = self.preparations.current_step(record.id)
+            detail = f"preparing the image: {step}" if step else "preparing the image (resumes at the next start)"
         availability = await self._providers.availability(record.provider)
-        if not availability.available:
+        if not availability.available and state != "failed":
             state, detail = "unavailable", availability.reason
         return EnvironmentView(
             id=record.id,
@@ -182,6 +203,8 @@ class EnvironmentService:
             created_by_session=record.created_by_session,
             env_keys=sorted(record.spec.env),
             setup_commands=record.setup_commands,
+            packages=record.packages,
+            prepared_image=record.prepared_image,
             state=state,
             state_detail=detail,
             live_sessions=len(live),

@@ -8,6 +8,7 @@ from pydantic import BaseModel, Field
 
 from mcp_sandboxes.events import Usage
 from mcp_sandboxes.providers.base import NetworkMode, ResourceLimits
+from mcp_sandboxes.store import Packages
 
 
 class EnvironmentView(BaseModel):
@@ -26,9 +27,15 @@ class EnvironmentView(BaseModel):
     created_by_session: str | None = Field(default=None, description="The agent's session that made it, if any.")
     env_keys: list[str] = Field(description="Names of the environment variables set (values are not echoed).")
     setup_commands: list[str]
+    packages: Packages = Field(default_factory=Packages, description="Packages its prepared image installs.")
+    prepared_image: str | None = Field(
+        default=None,
+        description="The image its packages and setup commands were prepared into once (docker, podman);"
+        " every spawn starts from it.",
+    )
     state: str = Field(
-        description="'ready' when its provider is reachable, else 'unavailable';"
-        " 'deleted' in delete_environment's answer."
+        description="'preparing' while its image is prepared, 'failed' when that failed (state_detail says where),"
+        " 'ready' when its provider is reachable, else 'unavailable'; 'deleted' in delete_environment's answer."
     )
     state_detail: str | None = None
     live_sessions: int

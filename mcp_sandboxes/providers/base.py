@@ -26,6 +26,8 @@ from mcp_sandboxes.specs import SandboxSpec as SandboxSpec
 # `list_owned` finds orphans after a crash and never touches anything else.
 OWNER_LABEL = "io.mcp-sandboxes.managed"
 SANDBOX_NAME_LABEL = "io.mcp-sandboxes.name"
+# On a prepared image: the hash of the recipe it was made from (its tag says the same).
+RECIPE_LABEL = "io.mcp-sandboxes.recipe"
 
 DEFAULT_EXEC_TIMEOUT_S = 300.0
 DEFAULT_FILE_TIMEOUT_S = 60.0
@@ -134,6 +136,22 @@ class Provider(Protocol):
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None: ...
+
+
+@runtime_checkable
+class ImageCommitter(Protocol):
+    """A provider that can save a sandbox as an image (docker, podman): environments with packages
+    or setup commands are then prepared once and every spawn starts from the result. Providers
+    without it run setup commands in each new sandbox instead."""
+
+    async def image_id(self, image: str) -> str | None:
+        """The engine's id (digest) of an image, None when it has no such image."""
+        ...
+
+    async def commit(self, sandbox_id: str, tag: str, labels: dict[str, str]) -> str:
+        """Save the sandbox's filesystem as image `tag`, with `labels` (and the owner label); the
+        image keeps its base image's user. Returns the new image's id."""
+        ...
 
 
 @runtime_checkable

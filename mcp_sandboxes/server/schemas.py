@@ -9,7 +9,7 @@ from annotated_types import Ge, Le
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 from mcp_sandboxes.events import EVENT_TYPES, Usage
-from mcp_sandboxes.orchestrator import SessionStatus, WorkspaceSpec, describe_backends, provider_names
+from mcp_sandboxes.orchestrator import Packages, SessionStatus, WorkspaceSpec, describe_backends, provider_names
 from mcp_sandboxes.orchestrator.views import EnvironmentView, SessionView
 from mcp_sandboxes.specs import ResourceLimits
 
@@ -194,7 +194,20 @@ class CreateEnvironmentInput(_Input):
     setup_commands: list[SetupCommand] = Field(
         default_factory=list,
         max_length=MAX_SETUP_COMMANDS,
-        description="Shell commands run once, as root, in each new sandbox before the agent starts.",
+        description="Shell commands run as root before agents start: once, into a prepared image every spawn starts"
+        " from (docker, podman: the environment is 'preparing', then 'ready' or 'failed'), else in each new sandbox.",
+    )
+    packages: Packages = Field(
+        default_factory=Packages,
+        description="Packages by manager, installed once into the prepared image before the setup commands, e.g."
+        ' {"apt": ["git"], "pip": ["requests==2.32.3"], "npm": ["typescript"]} (docker, podman; needs network'
+        " 'host'). Names only, optionally with a version.",
+    )
+    wait: bool = Field(
+        default=False, description="Wait for the image preparation (packages, setup commands) to end, with progress."
+    )
+    timeout_s: float = Field(
+        default=300, gt=0, le=MAX_WAIT_S, allow_inf_nan=False, description="How long `wait` waits, in seconds."
     )
     read_only_root: bool = Field(
         default=False,

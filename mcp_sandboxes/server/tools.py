@@ -143,7 +143,7 @@ def register_tools(server: MCPServer[Any], orchestrator: Orchestrator, call_scop
             # An agent's defaults are its own environment's, not the server's.
             own = await orchestrator.access.own_environment(caller.session_id)
             provider, image = provider or own.provider, image or own.spec.image
-        return await orchestrator.create_environment(
+        view = await orchestrator.create_environment(
             EnvironmentRequest(
                 name=request.name,
                 provider=provider or settings.default_provider,
@@ -154,6 +154,7 @@ def register_tools(server: MCPServer[Any], orchestrator: Orchestrator, call_scop
                 allowed_hosts=request.allowed_hosts,
                 limits=ResourceLimits(cpus=request.cpus, memory_mb=request.memory_mb, pids=request.pids_limit),
                 setup_commands=request.setup_commands,
+                packages=request.packages,
                 read_only_root=request.read_only_root,
                 runtime=request.runtime,
                 workspace=request.workspace,
@@ -161,6 +162,10 @@ def register_tools(server: MCPServer[Any], orchestrator: Orchestrator, call_scop
             ),
             caller_session_id=caller.session_id,
         )
+        if not request.wait or view.state != "preparing":
+            return view
+        await report(0, None, f"preparing the image of {view.name}")
+        return await orchestrator.wait_for_environment(view.id, capped(request.timeout_s), progress=report)
 
     async def list_environments(request: NoInput) -> EnvironmentList:
         return EnvironmentList(environments=await orchestrator.list_environments())
@@ -172,21 +177,23 @@ def register_tools(server: MCPServer[Any], orchestrator: Orchestrator, call_scop
 
     async def spawn_agent(request: SpawnAgentInput) -> TurnOutcome:
         await report(0, None, f"provisioning a sandbox in {request.environment}")
-        session = await orchestrator.spawn_agent(
-            environment=request.environment,
-            prompt=request.prompt,
-            agent=AgentSpec(
-                backend=request.backend,
-                model=request.model,
-                system_prompt=request.system_prompt,
-                allowed_tools=request.allowed_tools,
-                permission_mode=request.permission_mode,
-                max_turns=request.max_turns,
-            ),
-            parent_session_id=current_caller.get().session_id,
-            subagents=request.subagents,
-            ask_permissions=request.ask_permissions,
-        )
+        # Beats while the environment's image may still be preparing (the spawn waits for it).
+        async with heartbeat(f"provisioning a sandbox in {request.environment}"):
+            session = await orchestrator.spawn_agent(
+                environment=request.environment,
+                prompt=request.prompt,
+                agent=AgentSpec(
+                    backend=request.backend,
+                    model=request.model,
+                    system_prompt=request.system_prompt,
+                    allowed_tools=request.allowed_tools,
+                    permission_mode=request.permission_mode,
+                    max_turns=request.max_turns,
+                ),
+                parent_session_id=current_caller.get().session_id,
+                subagents=request.subagents,
+                ask_permissions=request.ask_permissions,
+            )
         return await outcome(session.session_id, 0, request.wait, request.timeout_s)
 
     async def send_message(request: SendMessageInput) -> TurnOutcome:

@@ -29,6 +29,8 @@ from mcp_sandboxes.store.records import (
     WORKSPACE_ADAPTER,
     EnvironmentRecord,
     EventRecord,
+    Packages,
+    PrepState,
     SessionRecord,
     SessionStatus,
     TurnRecord,
@@ -155,7 +157,8 @@ class Database:
             async with self._transaction() as conn:
                 await conn.execute(
                     "INSERT INTO environments (id, name, provider, spec_json, setup_commands_json, created_at,"
-                    " created_by_session, workspace_json) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    " created_by_session, workspace_json, packages_json, prep_state, prep_detail, prepared_image)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         env.id,
                         env.name,
@@ -165,6 +168,10 @@ class Database:
                         env.created_at,
                         env.created_by_session,
                         None if env.workspace is None else env.workspace.model_dump_json(),
+                        None if env.packages.empty() else env.packages.model_dump_json(),
+                        env.prep_state,
+                        env.prep_detail,
+                        env.prepared_image,
                     ),
                 )
         except sqlite3.IntegrityError as exc:
@@ -184,7 +191,28 @@ class Database:
             created_by_session=row["created_by_session"],
             deleted_at=row["deleted_at"],
             workspace=WORKSPACE_ADAPTER.validate_json(row["workspace_json"]) if row["workspace_json"] else None,
+            packages=Packages.model_validate_json(row["packages_json"]) if row["packages_json"] else Packages(),
+            prep_state=row["prep_state"],
+            prep_detail=row["prep_detail"],
+            prepared_image=row["prepared_image"],
         )
+
+    async def set_preparation(
+        self, env_id: str, state: PrepState, *, detail: str | None = None, prepared_image: str | None = None
+    ) -> None:
+        """Where an environment's image preparation stands (its image, once made)."""
+        async with self._transaction() as conn:
+            await conn.execute(
+                "UPDATE environments SET prep_state = ?, prep_detail = ?,"
+                " prepared_image = COALESCE(?, prepared_image) WHERE id = ?",
+                (state, detail, prepared_image, env_id),
+            )
+
+    async def environments_preparing(self) -> list[EnvironmentRecord]:
+        rows = await self._fetchall(
+            "SELECT * FROM environments WHERE prep_state = 'preparing' AND deleted_at IS NULL ORDER BY created_at, id"
+        )
+        return [self._environment(row) for row in rows]
 
     async def find_environment(self, id_or_name: str) -> EnvironmentRecord | None:
         """By id, also a deleted one (its sessions' history still names it); by name, only a

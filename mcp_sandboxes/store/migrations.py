@@ -115,6 +115,19 @@ MIGRATIONS: list[tuple[int, str]] = [
         """,
     ),
     (
+        7,
+        # Prepared images: an environment's packages by manager (JSON), where its preparation stands
+        # ('preparing', 'ready', 'failed'; NULL for an environment with nothing to prepare, or older
+        # rows), what it said last (a failure's step and redacted tail), and the image it made
+        # (mcp-sandboxes/prepared:<recipe hash>), which every spawn then starts from.
+        """
+        ALTER TABLE environments ADD COLUMN packages_json TEXT;
+        ALTER TABLE environments ADD COLUMN prep_state TEXT;
+        ALTER TABLE environments ADD COLUMN prep_detail TEXT;
+        ALTER TABLE environments ADD COLUMN prepared_image TEXT;
+        """,
+    ),
+    (
         8,
         # Warm pools: how many started sandboxes an environment keeps ready for spawns (0: none).
         """

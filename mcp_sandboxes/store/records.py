@@ -52,6 +52,23 @@ WorkspaceSpec = Annotated[DirectoryWorkspace | GitWorkspace, Field(discriminator
 WORKSPACE_ADAPTER: TypeAdapter[DirectoryWorkspace | GitWorkspace] = TypeAdapter(WorkspaceSpec)
 
 
+PrepState = Literal["preparing", "ready", "failed"]
+
+
+class Packages(BaseModel):
+    """Packages an environment's prepared image installs, by package manager. Each name becomes
+    one argv element of the manager's install command (never part of a shell string)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    apt: list[str] = Field(default_factory=list, description="Debian packages, e.g. ['git', 'ripgrep=13.0.0-4'].")
+    pip: list[str] = Field(default_factory=list, description="Python packages, e.g. ['requests', 'ruff==0.6.9'].")
+    npm: list[str] = Field(default_factory=list, description="npm packages (global), e.g. ['typescript@5'].")
+
+    def empty(self) -> bool:
+        return not (self.apt or self.pip or self.npm)
+
+
 class EnvironmentRecord(BaseModel):
     id: str
     name: str
@@ -63,6 +80,12 @@ class EnvironmentRecord(BaseModel):
     created_by_session: str | None = None
     deleted_at: str | None = None
     workspace: WorkspaceSpec | None = None
+    packages: Packages = Field(default_factory=Packages)
+    # The preparation of its image (packages, setup commands): None when nothing is prepared
+    # (no recipe, or a provider that cannot commit images: setup then runs at each spawn).
+    prep_state: PrepState | None = None
+    prep_detail: str | None = None
+    prepared_image: str | None = None
 
 
 class SessionRecord(BaseModel):

@@ -26,6 +26,7 @@ here into the package's hierarchy (errors.py).
 from __future__ import annotations
 
 import io
+import json
 import math
 import os
 import posixpath
@@ -78,6 +79,7 @@ PROVIDER_NAME = "docker"
 API_TIMEOUT_S = 30.0  # a quick engine call: inspect, exec create/start, remove
 CHECK_TIMEOUT_S = 5.0
 PULL_TIMEOUT_S = 900.0
+COMMIT_TIMEOUT_S = 600.0  # writing a container's changed files as an image layer
 STDIN_WRITE_TIMEOUT_S = 60.0
 SIGNAL_TIMEOUT_S = 10.0  # how long signal() keeps trying while the pid file is not yet written
 KILL_GRACE_S = 5.0  # after SIGKILL, how long to wait for the exec to be reported gone
@@ -428,6 +430,41 @@ class DockerProvider(ProviderLifecycle):
                 # 404: gone meanwhile; 409: a removal is already in progress.
                 if exc.status not in (404, 409):
                     raise
+
+    # -- ImageCommitter ---------------------------------------------------------------------
+
+    async def image_id(self, image: str) -> str | None:
+        async with self.call(f"inspecting image {image}", API_TIMEOUT_S):
+            try:
+                found = await self.client().images.inspect(image)
+            except DockerError as exc:
+                if exc.status == 404:
+                    return None
+                raise
+        return str(found.get("Id") or "") or None
+
+    async def commit(self, sandbox_id: str, tag: str, labels: dict[str, str]) -> str:
+        container = await self._inspect(sandbox_id)
+        if container is None or not _owned(container):
+            raise SandboxGoneError(f"sandbox {sandbox_id} no longer exists on the {self.engine}; nothing to commit")
+        repository, _, version = tag.rpartition(":")
+        if not repository or not version:
+            raise InvalidInputError("tag", f"{tag!r} is not REPOSITORY:TAG")
+        # The container's own labels (its name, create token, default user) would pass to every
+        # container made from the image: blank them, and say whose image it is.
+        own = {key: "" for key in container["Config"].get("Labels") or {} if key.startswith("io.mcp-sandboxes.")}
+        changes = [f"LABEL {key}={json.dumps(value)}" for key, value in {**own, OWNER_LABEL: "true", **labels}.items()]
+        # The container runs as root (see the module doc); the image keeps its base image's user.
+        base = await self.image_id(str(container["Image"]))
+        if base is not None:
+            async with self.call(f"inspecting image {base}", API_TIMEOUT_S):
+                base_user = ((await self.client().images.inspect(base)).get("Config") or {}).get("User") or ""
+            if base_user:
+                changes.append(f"USER {base_user}")
+        async with self.call(f"committing container {sandbox_id} as {tag}", COMMIT_TIMEOUT_S):
+            # Podman's service wants a body (its Decode fails on none); Docker fills an empty one from the container.
+            answer = await container.commit(repository=repository, tag=version, changes=changes, config={}, pause=True)
+        return str(answer.get("Id") or answer.get("id") or "")
 
     async def list_owned(self) -> list[str]:
         async with self.call("listing containers", API_TIMEOUT_S):
