@@ -204,6 +204,10 @@ class _Malformed(Exception):
         self.status = status
 
 
+class _PrivateAddress(Exception):
+    """An allowed name resolved to an address the proxy refuses (the message says which)."""
+
+
 class _ClientGone(Exception):
     """The sandbox side closed or stalled while the proxy was sending to it."""
 
@@ -313,8 +317,15 @@ class EgressProxy:
         connect_timeout_s: float = 10.0,
         read_timeout_s: float = 600.0,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        refuse_private_addresses: bool = False,
     ) -> None:
+        """`refuse_private_addresses`: an allowed name that resolves to a loopback, private,
+        link-local or otherwise non-global address (this host's own services, a cloud metadata
+        endpoint) is refused too, and the proxy connects to the very address it checked (no second
+        lookup a rebinding DNS could answer differently). Off by default: the allow-list is the
+        operator's, and a name like "localhost" is what they may mean."""
         self._on_refused = on_refused
+        self._refuse_private = refuse_private_addresses
         self._connect_timeout_s = connect_timeout_s
         self._read_timeout_s = read_timeout_s
         self._max_connections = max_connections
@@ -542,11 +553,38 @@ class EgressProxy:
             await self._refuse(served, wire, method, shown, 403, refusal)
             return True
         authority = host if port is None else f"{host}:{port}"
-        upstream = httpx.URL(f"http://{authority}").copy_with(
+        try:
+            address = await self._address(host, port or 80)
+        except _PrivateAddress as exc:
+            await self._refuse(served, wire, method, shown, 403, str(exc))
+            return True
+        except (OSError, TimeoutError) as exc:
+            await wire.simple(502, f"502: could not resolve {host} ({type(exc).__name__})", close=True)
+            return False
+        netloc = f"[{address}]" if ":" in address else address
+        upstream = httpx.URL(f"http://{netloc if port is None else f'{netloc}:{port}'}").copy_with(
             raw_path=((parts.path or "/") + (f"?{parts.query}" if parts.query else "")).encode("ascii", "replace")
         )
-        await self._forward(wire, request, upstream, swap={}, label=f"host {host}")
+        await self._forward(wire, request, upstream, swap={}, label=f"host {host}", host_header=authority)
         return True
+
+    async def _address(self, host: str, port: int) -> str:
+        """Where to connect for the allowed name `host`: the name itself, or (when private
+        addresses are refused) the one global address it resolved to."""
+        if not self._refuse_private:
+            return host
+        with anyio.fail_after(self._connect_timeout_s):
+            infos = await anyio.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        addresses = [str(info[4][0]).split("%", 1)[0] for info in infos]
+        if not addresses:
+            raise OSError(f"no address for {host}")
+        private = [a for a in addresses if not ipaddress.ip_address(a).is_global]
+        if private:
+            raise _PrivateAddress(
+                f"host {host} resolves to a non-public address ({private[0]}): the proxy refuses those"
+                " (loopback, private and link-local networks stay closed even for allowed names)"
+            )
+        return addresses[0]
 
     async def _refuse(self, served: _Socket, wire: _Wire, method: str, target: str, status: int, reason: str) -> None:
         logger.warning(
@@ -571,10 +609,19 @@ class EgressProxy:
     # -- forwarding --------------------------------------------------------------------------
 
     async def _forward(
-        self, wire: _Wire, request: h11.Request, url: httpx.URL, *, swap: dict[str, str], label: str
+        self,
+        wire: _Wire,
+        request: h11.Request,
+        url: httpx.URL,
+        *,
+        swap: dict[str, str],
+        label: str,
+        host_header: str | None = None,
     ) -> None:
         assert self._client is not None
         headers = _forward_headers(request.headers, swap)
+        if host_header is not None:
+            headers.insert(0, (b"host", host_header.encode("ascii")))
         names = {name for name, _ in headers}
         content: AsyncIterator[bytes] | None = None
         if b"content-length" in names or any(n == b"transfer-encoding" for n, _ in request.headers):
@@ -594,7 +641,7 @@ class EgressProxy:
         try:
             response = await self._client.send(upstream_request, stream=True)
         except httpx.HTTPError as exc:
-            if isinstance(exc.__cause__, _ClientGone) or isinstance(exc, _ClientGone):
+            if isinstance(exc.__cause__, _ClientGone):
                 raise _ClientGone("the sandbox side closed during the request body") from None
             logger.warning("egress proxy: %s could not be reached: %s", label, type(exc).__name__)
             await wire.simple(
@@ -637,8 +684,16 @@ class EgressProxy:
             await wire.simple(400, "400: a CONNECT request has no body", close=True)
             return False
         try:
+            address = await self._address(host, port)
+        except _PrivateAddress as exc:
+            await self._refuse(served, wire, "CONNECT", target, 403, str(exc))
+            return False
+        except (OSError, TimeoutError) as exc:
+            await wire.simple(502, f"502: could not resolve {host} ({type(exc).__name__})", close=True)
+            return False
+        try:
             with anyio.fail_after(self._connect_timeout_s):
-                upstream = await anyio.connect_tcp(host, port)
+                upstream = await anyio.connect_tcp(address, port)
         except (OSError, TimeoutError) as exc:
             logger.warning("egress proxy: CONNECT %s:%s failed: %s", host, port, type(exc).__name__)
             await wire.simple(502, f"502: could not connect to {host}:{port} ({type(exc).__name__})", close=True)

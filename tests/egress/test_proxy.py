@@ -741,3 +741,23 @@ def test_policy_takes_domain_names_only() -> None:
     assert policy.allows_host("a.b.example.com") and policy.allows_host("PYPI.org.")
     assert not policy.allows_host("example.com") and not policy.allows_host("badexample.com")
     assert REAL_KEY not in repr(ModelRoute(name="X", upstream="https://h", credentials={PLACEHOLDER: REAL_KEY}))
+
+
+async def test_refusing_private_addresses_closes_allowed_names_that_resolve_to_loopback(socket_dir: Path) -> None:
+    path = socket_dir / "proxy.sock"
+    refusals = Refusals()
+    with anyio.fail_after(WAIT_S):
+        async with (
+            echo_server() as echo,
+            upstream_server() as up,
+            EgressProxy(on_refused=refusals, refuse_private_addresses=True) as proxy,
+        ):
+            await proxy.serve(path, EgressPolicy(session_id="s1", allowed_hosts=["localhost"]))
+            async with raw(path) as client:
+                tunnel, body = await client.request("CONNECT", f"localhost:{echo.port}", [("host", "localhost")])
+            async with raw(path) as client:
+                plain, _ = await client.request("GET", f"http://localhost:{up.port}/x")
+    assert (tunnel.status_code, plain.status_code) == (403, 403)
+    assert b"non-public address" in body
+    assert [r.target for r in refusals.seen] == [f"localhost:{echo.port}", f"http://localhost:{up.port}/x"]
+    assert echo.connections == 0 and up.seen == []
