@@ -177,23 +177,21 @@ def register_tools(server: MCPServer[Any], orchestrator: Orchestrator, call_scop
 
     async def spawn_agent(request: SpawnAgentInput) -> TurnOutcome:
         await report(0, None, f"provisioning a sandbox in {request.environment}")
-        # Beats while the environment's image may still be preparing (the spawn waits for it).
-        async with heartbeat(f"provisioning a sandbox in {request.environment}"):
-            session = await orchestrator.spawn_agent(
-                environment=request.environment,
-                prompt=request.prompt,
-                agent=AgentSpec(
-                    backend=request.backend,
-                    model=request.model,
-                    system_prompt=request.system_prompt,
-                    allowed_tools=request.allowed_tools,
-                    permission_mode=request.permission_mode,
-                    max_turns=request.max_turns,
-                ),
-                parent_session_id=current_caller.get().session_id,
-                subagents=request.subagents,
-                ask_permissions=request.ask_permissions,
-            )
+        session = await orchestrator.spawn_agent(
+            environment=request.environment,
+            prompt=request.prompt,
+            agent=AgentSpec(
+                backend=request.backend,
+                model=request.model,
+                system_prompt=request.system_prompt,
+                allowed_tools=request.allowed_tools,
+                permission_mode=request.permission_mode,
+                max_turns=request.max_turns,
+            ),
+            parent_session_id=current_caller.get().session_id,
+            subagents=request.subagents,
+            ask_permissions=request.ask_permissions,
+        )
         return await outcome(session.session_id, 0, request.wait, request.timeout_s)
 
     async def send_message(request: SendMessageInput) -> TurnOutcome:
