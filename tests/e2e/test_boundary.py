@@ -181,7 +181,10 @@ async def test_an_agent_cannot_escape_through_this_server(
             assert not made["isError"], made
             assert made["structuredContent"]["limits"]["memory_mb"] == 1024
             failed = (await agent.call("spawn_agent", {"environment": "child-env", "prompt": "hi"})).tool_error()
-            assert failed.startswith("setup_commands[0]: exited with code 3")
+            # Prepared once, at creation (issue 9, item 5): the spawn names the failed step.
+            assert failed.startswith(
+                "environment: 'child-env' failed to prepare: setup_commands[0]: exited with code 3"
+            )
             assert "THISISASECRETVALUE" not in failed and len(failed) < 400
             assert owned_containers() == containers_before
 
