@@ -33,7 +33,7 @@ from anyio.abc import TaskGroup
 
 from mcp_sandboxes.errors import ConflictError, InvalidInputError, McpSandboxesError
 from mcp_sandboxes.orchestrator.providers import ProviderPool
-from mcp_sandboxes.providers.base import RECIPE_LABEL, ImageCommitter, SandboxSpec
+from mcp_sandboxes.providers import RECIPE_LABEL, ImageCommitter, SandboxSpec
 from mcp_sandboxes.redaction import redact
 from mcp_sandboxes.store import Database, EnvironmentRecord, Packages
 

@@ -3,8 +3,10 @@
 The public surface is `__all__` (tests/test_public_surface.py keeps other rooms to it)."""
 
 from mcp_sandboxes.providers.base import (
+    RECIPE_LABEL,
     Availability,
     ExecStream,
+    ImageCommitter,
     LineSplitter,
     ListsByLabel,
     Mount,
@@ -18,8 +20,10 @@ from mcp_sandboxes.providers.base import (
 from mcp_sandboxes.providers.registry import build_provider, provider_names
 
 __all__ = [
+    "RECIPE_LABEL",
     "Availability",
     "ExecStream",
+    "ImageCommitter",
     "LineSplitter",
     "ListsByLabel",
     "Mount",
