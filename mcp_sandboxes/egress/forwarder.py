@@ -70,22 +70,25 @@ async def forwarder_binary(cache_dir: Path, *, compiler: str | None = None) -> P
     if await anyio.Path(target).is_file():
         return target
     argv = _compiler_argv(compiler)
-    temporary = cache_dir / f".{target.name}.{uuid.uuid4().hex}.tmp"
+    temporary = cache_dir / f".{target.name}.{uuid.uuid4().hex}"
+    # The bytes that were hashed are the bytes compiled (a private copy): the name never lies.
+    copy = temporary.with_name(temporary.name + ".c")
+    await anyio.Path(copy).write_bytes(source)
     try:
         with anyio.fail_after(COMPILE_TIMEOUT_S):
             result = await anyio.run_process(
-                [*argv, *CFLAGS, "-o", str(temporary), str(FORWARD_SOURCE)],
-                check=False,
-                stdin=subprocess.DEVNULL,
+                [*argv, *CFLAGS, "-o", str(temporary), str(copy)], check=False, stdin=subprocess.DEVNULL
             )
     except TimeoutError:
         await _remove(temporary)
         raise ProviderError(
-            f"egress forwarder: {argv[0]} did not finish compiling in {COMPILE_TIMEOUT_S:.0f} s; {_HOW_TO_FIX}"
+            f"egress forwarder: {argv[0]} did not finish compiling in {COMPILE_TIMEOUT_S:g} s; {_HOW_TO_FIX}"
         ) from None
     except OSError as exc:
         await _remove(temporary)
         raise ProviderError(f"egress forwarder: cannot run {argv[0]!r}: {exc}; {_HOW_TO_FIX}") from exc
+    finally:
+        await _remove(copy)
     if result.returncode != 0:
         await _remove(temporary)
         tail = result.stderr.decode("utf-8", "replace").strip()[-_STDERR_TAIL:]
@@ -98,4 +101,6 @@ async def forwarder_binary(cache_dir: Path, *, compiler: str | None = None) -> P
 
 
 async def _remove(path: Path) -> None:
-    await anyio.Path(path).unlink(missing_ok=True)
+    # Shielded: a cancelled caller still leaves no temporary file behind.
+    with anyio.CancelScope(shield=True):
+        await anyio.Path(path).unlink(missing_ok=True)
