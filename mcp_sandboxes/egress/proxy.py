@@ -424,10 +424,11 @@ class EgressProxy:
             for stream, scope in list(served.connections.items()):
                 scope.cancel()
                 await stream.aclose()
-        try:
-            served.path.unlink()
-        except FileNotFoundError:
-            pass
+        if _same_socket(served.path, served.inode):  # never another's file put there since
+            try:
+                served.path.unlink()
+            except FileNotFoundError:
+                pass
 
     # -- accepting ---------------------------------------------------------------------------
 
@@ -461,7 +462,9 @@ class EgressProxy:
                     event = await wire.next_event()
                     if isinstance(event, h11.Request):
                         await wire.simple(
-                            503, f"503: too many connections on this sandbox's proxy (at most {self._max_connections})"
+                            503,
+                            f"503: too many connections on this sandbox's proxy (at most {self._max_connections})",
+                            close=True,
                         )
                 except (_Malformed, _ClientGone, h11.LocalProtocolError):
                     pass
