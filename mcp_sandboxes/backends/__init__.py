@@ -3,7 +3,7 @@
 The public surface is `__all__` (tests/test_public_surface.py keeps other rooms to it)."""
 
 from mcp_sandboxes.backends.base import AgentSpec, Backend, Command, Translator, Turn, TurnResult
-from mcp_sandboxes.backends.registry import backend_names, build_backend, describe_backends
+from mcp_sandboxes.backends.registry import backend_names, build_backend, describe_backends, model_urls
 
 __all__ = [
     "AgentSpec",
@@ -15,4 +15,5 @@ __all__ = [
     "backend_names",
     "build_backend",
     "describe_backends",
+    "model_urls",
 ]

@@ -19,6 +19,7 @@ Which variables are what:
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -118,7 +119,9 @@ def plan_egress(
         if name not in upstreams and default:
             upstreams[name] = default
             sandbox_environ[name] = route_url(name)
-    extra = _rewrite_settings(settings.model_extra or {}, "settings", upstreams, credentials)
+    # Tables set from the environment arrive as JSON text (MCP_SANDBOXES_BACKENDS__FACTORY__DROID_SETTINGS).
+    extras = {key: _json_table(value) for key, value in (settings.model_extra or {}).items()}
+    extra = _rewrite_settings(extras, "settings", upstreams, credentials)
     rewritten = (
         BackendSettings.model_validate({**settings.model_dump(), **extra})
         if extra != (settings.model_extra or {})
@@ -146,6 +149,15 @@ def plan_egress(
         allowed_hosts=list(allowed_hosts),
     )
     return EgressPlan(environ=sandbox_environ, settings=rewritten, policy=policy, credentials=credentials)
+
+
+def _json_table(value: Any) -> Any:
+    if isinstance(value, str) and value.lstrip().startswith(("{", "[")):
+        try:
+            return json.loads(value)
+        except ValueError:
+            return value
+    return value
 
 
 def _rewrite_settings(node: Any, path: str, upstreams: dict[str, str], credentials: dict[str, str]) -> Any:

@@ -31,7 +31,7 @@ from mcp_sandboxes.files import load_or_create_instance_id
 from mcp_sandboxes.orchestrator.access import AgentAccess
 from mcp_sandboxes.orchestrator.budgets import TreeBudgets
 from mcp_sandboxes.orchestrator.bus import EventBus, SessionChanged
-from mcp_sandboxes.orchestrator.egress import EgressService, supports_model_network
+from mcp_sandboxes.orchestrator.egress import EgressService
 from mcp_sandboxes.orchestrator.environments import EnvironmentRequest, EnvironmentService
 from mcp_sandboxes.orchestrator.journal import EventJournal
 from mcp_sandboxes.orchestrator.permissions import PermissionBroker
@@ -125,6 +125,7 @@ class Orchestrator:
             mounts=self._pool_mounts,
             sandbox_user=settings.server.sandbox_user,
             secret_values=self.secret_values,
+            egress=self.egress,
         )
         self.sessions.pool = self.sweeper.pool = self.pool
 
@@ -149,6 +150,7 @@ class Orchestrator:
                     await self.preparations.resume()
                     await self._adopt_pools()
                     await self.sweeper.reap_orphans()
+                    await self.egress.prune({s.id for s in await self.db.list_sessions(LIVE_STATUSES)})
                     task_group.start_soon(self.workers.watch_sandboxes, name="sandbox-liveness")
                     task_group.start_soon(self.sweeper.run, name="sweeper")
                     yield self
@@ -301,12 +303,6 @@ class Orchestrator:
     def _check_warm_pool(self, request: EnvironmentRequest, size: int, caller_session_id: str | None) -> None:
         if caller_session_id is not None:
             raise InvalidInputError("warm_pool", "only the operator may keep sandboxes started; leave it 0")
-        network = request.network or ("model" if supports_model_network(request.provider) else "none")
-        if network == "model":
-            # A "model" sandbox's proxy mounts are made per session, so it cannot be started before one.
-            raise InvalidInputError(
-                "warm_pool", "environments on network 'model' cannot keep a warm pool yet; leave it 0"
-            )
         cap = self.settings.server.max_sandboxes
         if cap and size > cap:
             raise InvalidInputError(

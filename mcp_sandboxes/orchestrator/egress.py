@@ -12,6 +12,7 @@ forwarder (`forward PORT SOCKET argv...`), which keeps the command's pid and ser
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
@@ -19,8 +20,8 @@ from urllib.parse import urlsplit
 
 import anyio
 
+from mcp_sandboxes.backends import build_backend, model_urls
 from mcp_sandboxes.backends.base import AgentSpec, Backend, Command, Translator, Turn
-from mcp_sandboxes.backends.registry import build_backend, model_urls
 from mcp_sandboxes.config import Settings
 from mcp_sandboxes.egress.forwarder import forwarder_binary
 from mcp_sandboxes.egress.plan import (
@@ -38,6 +39,7 @@ from mcp_sandboxes.egress.proxy import EgressProxy, RefusedRequest
 from mcp_sandboxes.errors import InvalidInputError
 from mcp_sandboxes.events import NetworkRefused
 from mcp_sandboxes.files import make_private_dir
+from mcp_sandboxes.orchestrator.clis import with_host_cli
 from mcp_sandboxes.specs import Mount, NetworkMode, SandboxSetup, SandboxSpec
 
 logger = logging.getLogger(__name__)
@@ -186,20 +188,25 @@ class EgressService:
             model_urls=model_urls(backend_name),
             allowed_hosts=allowed_hosts,
         )
-        return plan, EgressBackend(build_backend(backend_name, plan.settings, plan.environ))
+        inner = with_host_cli(build_backend(backend_name, plan.settings, plan.environ), plan.settings)
+        return plan, EgressBackend(inner)
 
     async def open(self, key: str, session_id: str, plan: EgressPlan, *, agent_endpoint: bool) -> None:
-        """Serve `session_id`'s egress on the socket of sandbox `key`; listening before this returns."""
+        """Serve `session_id`'s egress on the socket of sandbox `key`; listening before this
+        returns. A session whose sandbox came from a warm pool (`key` is the pooled sandbox's
+        name) finds it under its own id too: `<root>/<session id>` links there."""
         if self._proxy is None:
             raise InvalidInputError("network", "mode 'model' is not running in this server (no egress proxy)")
         egress = SessionEgress(session_id, key, plan, agent_endpoint=agent_endpoint)
         self._open[session_id] = egress
         try:
             await anyio.to_thread.run_sync(_make_socket_dir, self._root / key)
+            if key != session_id:
+                await anyio.to_thread.run_sync(_link, self._root / session_id, key)
             await self._serve(egress)
         except BaseException:
             with anyio.CancelScope(shield=True):
-                await self.close(session_id, key)
+                await self.close(session_id)
             raise
 
     async def _serve(self, egress: SessionEgress) -> None:
@@ -209,20 +216,54 @@ class EgressService:
         policy = egress.plan.policy.model_copy(update={"agent_upstream": upstream})
         await self._proxy.serve(self._root / egress.key / SOCKET_NAME, policy)
 
-    async def close(self, session_id: str, key: str) -> None:
+    async def close(self, session_id: str) -> None:
         """Stop serving the session's socket and remove its sandbox's directory (idempotent)."""
-        self._open.pop(session_id, None)
-        directory = self._root / key
+        egress = self._open.pop(session_id, None)
+        named = self._root / session_id
+        served = self._root / (egress.key if egress is not None else session_id) / SOCKET_NAME
         if self._proxy is not None:
             try:
-                await self._proxy.stop(directory / SOCKET_NAME)
+                await self._proxy.stop(served)
             except Exception:  # the socket may be gone already
                 logger.debug("stopping the egress socket of %s failed", session_id, exc_info=True)
+        key = egress.key if egress is not None else session_id
+        if named.is_symlink():
+            key = os.readlink(named)
+            named.unlink(missing_ok=True)
+        await self.discard(key)
+
+    async def discard(self, key: str) -> None:
+        """Remove sandbox `key`'s egress directory (a pooled sandbox that was never taken)."""
+        directory = self._root / key
         await anyio.to_thread.run_sync(lambda: shutil.rmtree(directory, ignore_errors=True))
+
+    async def prune(self, sessions: set[str]) -> None:
+        """At start-up: remove the egress directories no live session's sandbox uses (those of
+        sandboxes removed while the server was down, and of pooled ones, which are not adopted)."""
+
+        def sweep() -> None:
+            if not self._root.is_dir():
+                return
+            keep = {"bin", *sessions}
+            keep |= {os.readlink(self._root / s) for s in sessions if (self._root / s).is_symlink()}
+            for entry in self._root.iterdir():
+                if entry.name in keep:
+                    continue
+                if entry.is_symlink():
+                    entry.unlink(missing_ok=True)
+                else:
+                    shutil.rmtree(entry, ignore_errors=True)
+
+        await anyio.to_thread.run_sync(sweep)
 
     def credential_values(self) -> list[str]:
         """Every real credential some open session's proxy swaps in (for redaction)."""
         return sorted({value for egress in self._open.values() for value in egress.plan.credentials.values()})
+
+
+def _link(named: Path, key: str) -> None:
+    named.unlink(missing_ok=True)
+    named.symlink_to(key)  # relative: the data directory may move
 
 
 def _make_socket_dir(directory: Path) -> None:

@@ -29,6 +29,8 @@ import anyio
 from anyio.abc import TaskGroup
 
 from mcp_sandboxes.errors import ConflictError, McpSandboxesError
+from mcp_sandboxes.orchestrator.clis import mounts_for
+from mcp_sandboxes.orchestrator.egress import EgressService, provider_network
 from mcp_sandboxes.orchestrator.providers import ProviderPool
 from mcp_sandboxes.orchestrator.sandboxes import (
     INSTANCE_LABEL,
@@ -60,6 +62,8 @@ BUSY_RECHECK_S = 5.0
 class Pooled:
     sandbox: Sandbox
     spec: SandboxSpec
+    # Network "model": the name of its egress directory (made with the sandbox, served once taken).
+    egress_key: str | None = None
 
 
 @dataclass
@@ -94,7 +98,9 @@ class WarmPool:
         mounts: Callable[[], list[Mount]],
         sandbox_user: str | None,
         secret_values: Callable[[], list[str]],
+        egress: EgressService | None = None,
     ) -> None:
+        self._egress = egress
         self._db = db
         self._providers = providers
         self._cap = cap
@@ -125,7 +131,7 @@ class WarmPool:
             return {"warm_pool": 0, "warm_ready": 0, "warm_pool_error": None}
         return {"warm_pool": pool.want, "warm_ready": len(pool.ready), "warm_pool_error": pool.last_error}
 
-    def take(self, environment_id: str, wanted: SandboxSpec) -> tuple[Sandbox, Hold] | None:
+    def take(self, environment_id: str, wanted: SandboxSpec) -> tuple[Sandbox, Hold, str | None] | None:
         """A ready sandbox that fits `wanted`, with the cap's place it keeps until the session's row
         exists; None when there is none (the caller creates one). Wakes the refill."""
         pool = self._pools.get(environment_id)
@@ -136,7 +142,7 @@ class WarmPool:
                 del pool.ready[index]
                 hold = self._cap.hold_now()  # no await between the two: the count never dips
                 pool.wake.set()
-                return pooled.sandbox, hold
+                return pooled.sandbox, hold, pooled.egress_key
         return None
 
     # -- configuring ---------------------------------------------------------------------------
@@ -163,8 +169,8 @@ class WarmPool:
         env = pool.environment
         try:
             provider = await self._providers.get(env.provider)
-            if not isinstance(provider, ListsByLabel):
-                return
+            if not isinstance(provider, ListsByLabel) or env.spec.network == "model":
+                return  # "model" sandboxes' egress directories are per server run: the reaper takes them
             spec = self._spec(env, provider)
             held = {s.sandbox_id for s in await self._db.list_sessions(LIVE_STATUSES) if s.sandbox_id}
             labels = {
@@ -191,7 +197,7 @@ class WarmPool:
         pool.scope.cancel()
         ready, pool.ready = pool.ready, []
         for pooled in ready:
-            await self._destroy(pool.environment.provider, pooled.sandbox.id)
+            await self._destroy(pool.environment.provider, pooled.sandbox.id, pooled.egress_key)
 
     async def trim(self) -> None:
         """The sweeper's part: pools of environments that are gone are drained; sandboxes beyond
@@ -210,7 +216,7 @@ class WarmPool:
             surplus = [pooled for pooled in pool.ready if pooled not in keep]
             pool.ready = keep
             for pooled in surplus:
-                await self._destroy(env.provider, pooled.sandbox.id)
+                await self._destroy(env.provider, pooled.sandbox.id, pooled.egress_key)
             if surplus:
                 pool.wake.set()
 
@@ -221,7 +227,7 @@ class WarmPool:
             return False
         pool = max(candidates, key=lambda p: len(p.ready))
         pooled = pool.ready.pop()
-        await self._destroy(pool.environment.provider, pooled.sandbox.id)
+        await self._destroy(pool.environment.provider, pooled.sandbox.id, pooled.egress_key)
         pool.wake.set()  # its refill finds no room, and says so in the environment's view
         return True
 
@@ -235,13 +241,17 @@ class WarmPool:
 
     def _spec(self, env: EnvironmentRecord, provider: Provider) -> SandboxSpec:
         user = None if getattr(provider, "ignores_user", False) else self._sandbox_user
+        # A prepared environment's sandboxes start from its prepared image (named at creation; until
+        # its preparation ends a create fails and the refill backs off).
+        base = env.spec if env.prepared_image is None else env.spec.model_copy(update={"image": env.prepared_image})
         spec = sandbox_spec(
-            env.spec,
+            base,
             name=f"mcp-sandboxes-pool-{uuid.uuid4().hex[:12]}",
             labels={POOL_LABEL: env.id},
-            mounts=self._mounts(),
+            mounts=mounts_for(env.provider, self._mounts()),
             user=user,
             instance_id=self._instance_id(),
+            network=provider_network(env.spec),
         )
         return spec.model_copy(update={"labels": {**spec.labels, POOL_SPEC_LABEL: spec_hash(spec)}})
 
@@ -271,21 +281,27 @@ class WarmPool:
         env = pool.environment
         provider = await self._providers.get(env.provider)
         spec = self._spec(env, provider)
+        egress_key = None
+        if env.spec.network == "model" and self._egress is not None:
+            egress_key = spec.name or f"pool-{uuid.uuid4().hex[:12]}"
+            spec = spec.model_copy(update={"mounts": [*spec.mounts, *await self._egress.sandbox_mounts(egress_key)]})
         async with self._cap.slot(evict=False):
             with anyio.fail_after(CREATE_TIMEOUT_S):
                 sandbox = await provider.create(spec)
             if pool.closed:
-                await self._destroy(env.provider, sandbox.id)
+                await self._destroy(env.provider, sandbox.id, egress_key)
                 return
-            pool.ready.append(Pooled(sandbox, spec))
+            pool.ready.append(Pooled(sandbox, spec, egress_key))
 
-    async def _destroy(self, provider_name: str, sandbox_id: str) -> None:
+    async def _destroy(self, provider_name: str, sandbox_id: str, egress_key: str | None = None) -> None:
         with anyio.CancelScope(shield=True), anyio.move_on_after(DESTROY_TIMEOUT_S):
             try:
                 provider = await self._providers.get(provider_name)
                 await provider.destroy(sandbox_id)
             except McpSandboxesError as exc:
                 logger.warning("cannot remove pooled sandbox %s: %s", sandbox_id, exc)
+            if egress_key is not None and self._egress is not None:
+                await self._egress.discard(egress_key)
 
 
 __all__ = ["MAX_WARM_POOL", "WarmPool", "fits"]

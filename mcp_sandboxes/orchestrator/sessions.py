@@ -14,6 +14,7 @@ import anyio
 from mcp_sandboxes.backends.base import AgentSpec, Backend
 from mcp_sandboxes.backends.registry import backend_names, build_backend
 from mcp_sandboxes.config import Settings
+from mcp_sandboxes.egress.plan import EgressPlan
 from mcp_sandboxes.errors import ConflictError, InvalidInputError
 from mcp_sandboxes.events import (
     SandboxDestroyed,
@@ -24,6 +25,8 @@ from mcp_sandboxes.events import (
 )
 from mcp_sandboxes.orchestrator.access import AgentAccess
 from mcp_sandboxes.orchestrator.budgets import TreeBudgets
+from mcp_sandboxes.orchestrator.clis import MOUNTING_PROVIDERS, check_api_key, check_cli, mounts_for, with_host_cli
+from mcp_sandboxes.orchestrator.egress import EgressService, provider_network
 from mcp_sandboxes.orchestrator.environments import EnvironmentService
 from mcp_sandboxes.orchestrator.journal import EventJournal
 from mcp_sandboxes.orchestrator.providers import ProviderPool
@@ -79,7 +82,9 @@ class SessionService:
         reads: SessionReads,
         budgets: TreeBudgets,
         secret_values: Callable[[], list[str]],
+        egress: EgressService | None = None,
     ) -> None:
+        self._egress = egress
         self._budgets = budgets
         self._settings = settings
         self._environ = environ
@@ -125,7 +130,15 @@ class SessionService:
             await self._budgets.check(parent_session_id, new_session=True, field="spawn_agent")
         env = await self._environments.get(environment)
         backend = self.backend(agent.backend)
+        check_api_key(agent.backend, self._settings.backend(agent.backend), self._environ)
         self._environments.check_network(env.spec.network)
+        if env.spec.network == "none" and agent.backend != "custom" and env.provider != "process":
+            raise InvalidInputError(
+                "environment",
+                f"{env.name!r} has network 'none', so the {agent.backend} CLI cannot reach its model API;"
+                " create an environment with network 'model' (the default: the API through a proxy that keeps"
+                " the key on the host) and spawn there",
+            )
         env_spec = env.spec
         if parent_session_id is not None:
             # An agent spawning: only into what its own environment would allow it to create.
@@ -152,6 +165,18 @@ class SessionService:
                 raise InvalidInputError(
                     "ask_permissions", "permission_mode 'bypassPermissions' never asks; drop one of the two"
                 )
+        if self._environments.preparations is not None:
+            # A prepared environment: its image (waiting for it, within the call), no setup commands.
+            env, env_spec = await self._environments.preparations.ready_for_spawn(
+                env, env_spec, max_wait_s=self._settings.server.max_call_s
+            )
+        session_id = f"ses_{uuid.uuid4().hex[:20]}"
+        plan: EgressPlan | None = None
+        if env.spec.network == "model":
+            if self._egress is None:
+                raise InvalidInputError("network", "mode 'model' is not available in this server")
+            # The session's own backend: its CLI sees placeholder keys and local base URLs only.
+            plan, backend = self._egress.backend_for(session_id, agent.backend, env_spec.allowed_hosts)
         token_sha256: str | None = None
         token_scope: str | None = None
         prepared_agent = agent
@@ -177,27 +202,40 @@ class SessionService:
                 }
             )
         provider = await self._providers.get(env.provider)
-        session_id = f"ses_{uuid.uuid4().hex[:20]}"
         # A provider that runs everything as the server's own user (process) takes no user name.
         user = None if getattr(provider, "ignores_user", False) else self._settings.server.sandbox_user
         spec = sandbox_spec(
             env_spec,
             name=f"mcp-sandboxes-{session_id}",
             labels={SESSION_LABEL: session_id},
-            mounts=backend.mounts(),
+            mounts=mounts_for(env.provider, backend.mounts()),
             user=user,
             instance_id=self.instance_id,
+            network=provider_network(env_spec),
         )
         started = time.monotonic()
         # A warm pool's sandbox when one fits (an agent's confined spec must be the environment's own).
         taken = None if self.pool is None or env_spec != env.spec else self.pool.take(env.id, spec)
         hold = taken[1] if taken else await self.cap.hold(for_environment=env.id)
+        # Network "model": the sandbox's egress directory (a pooled sandbox has its own already).
+        egress_key = taken[2] if taken and taken[2] else session_id
         try:
+            if plan is not None and self._egress is not None and not taken:
+                egress_mounts = await self._egress.sandbox_mounts(egress_key)
+                spec = spec.model_copy(update={"mounts": [*spec.mounts, *egress_mounts]})
             sandbox = taken[0] if taken else await provider.create(spec)
         except BaseException:
             hold.release()
+            if plan is not None and self._egress is not None:
+                with anyio.CancelScope(shield=True):
+                    await self._egress.close(session_id)
             raise
         try:
+            if env.provider in MOUNTING_PROVIDERS:
+                # The image runs the CLI (its own, or the host's mounted one), or the spawn says why.
+                await check_cli(sandbox, backend, image=spec.image, user=spec.user)
+            if plan is not None and self._egress is not None:
+                await self._egress.open(egress_key, session_id, plan, agent_endpoint=token_sha256 is not None)
             # The workspace first: setup commands may build what it brings in.
             base, branch = await SandboxWorkspace(sandbox, spec.workdir, spec.user).set_up(
                 env.workspace, session_id, self._settings.workspaces
@@ -228,6 +266,8 @@ class SessionService:
         except BaseException:
             with anyio.CancelScope(shield=True), anyio.move_on_after(DESTROY_TIMEOUT_S):
                 await provider.destroy(sandbox.id)
+                if plan is not None and self._egress is not None:
+                    await self._egress.close(session_id)
             raise
         finally:
             hold.release()
@@ -263,11 +303,14 @@ class SessionService:
             raise InvalidInputError(
                 field, "this server has no address agents can call back; serve it over stdio or http"
             )
+        if network == "model" and self._egress is not None:
+            # Through the session's proxy socket: the URL in the sandbox outlives server restarts.
+            return self._egress.callback_url()
         if network != "host":
             raise InvalidInputError(
                 field,
                 f"the environment's network is {network!r}, so the agent cannot reach this server;"
-                " use an environment created with network='host'",
+                " use an environment created with network 'model' (the default) or 'host'",
             )
         return self.subagent_url
 
@@ -375,6 +418,8 @@ class SessionService:
         with anyio.CancelScope(shield=True), anyio.fail_after(DESTROY_TIMEOUT_S):
             await provider.destroy(session.sandbox_id)
         await self._db.update_session(session.id, sandbox_id=None)
+        if env.spec.network == "model" and self._egress is not None:
+            await self._egress.close(session.id)
         await self._journal.emit(session.id, [SandboxDestroyed(provider=env.provider, sandbox_id=session.sandbox_id)])
 
     def backend(self, name: str) -> Backend:
@@ -383,5 +428,6 @@ class SessionService:
                 raise InvalidInputError(
                     "backend", f"unknown backend {name!r}; use one of: {', '.join(backend_names())}"
                 )
-            self._backends[name] = build_backend(name, self._settings.backend(name), self._environ)
+            settings = self._settings.backend(name)
+            self._backends[name] = with_host_cli(build_backend(name, settings, self._environ), settings)
         return self._backends[name]

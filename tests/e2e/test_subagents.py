@@ -138,7 +138,7 @@ async def test_an_agent_spawns_a_sub_agent_that_reaches_only_its_own_subtree(
         await mcp.call("stop_session", {"session_id": other["session"]["session_id"]})
 
 
-async def test_sub_agents_need_host_network_and_respect_the_depth_limit(
+async def test_sub_agents_need_a_way_out_and_respect_the_depth_limit(
     tmp_path: Path, model_server: ScriptedModelServer, claude_bin: Path
 ) -> None:
     data = tmp_path / "data"
@@ -146,7 +146,8 @@ async def test_sub_agents_need_host_network_and_respect_the_depth_limit(
     async with mcp_server("stdio", server_environment(data, model_server.url, claude_bin, extra)) as mcp:
         closed = await mcp.call("create_environment", {"name": "closed", "image": BASE_IMAGE, "network": "none"})
         before = owned_containers()
-        with pytest.raises(ToolCallError, match=r"subagents: .*network='host'"):
+        # A CLI with no way out is refused up front (network 'model', the default, is the way).
+        with pytest.raises(ToolCallError, match=r"environment: .*network 'none'.*network 'model'"):
             await mcp.call("spawn_agent", {"environment": closed["name"], "prompt": "hi", "subagents": True})
         assert owned_containers() == before
         rows = sqlite3.connect(data / "mcp-sandboxes.sqlite3").execute("SELECT COUNT(*) FROM sessions").fetchone()
