@@ -347,3 +347,20 @@ async def test_every_sandbox_carries_the_owner_label_and_the_provider_name(provi
     finally:
         with anyio.CancelScope(shield=True), anyio.fail_after(STEP_S):
             await provider.destroy(sandbox.id)
+
+
+async def test_an_image_without_the_sandbox_user_gets_it_with_home_and_workdir(provider: ContainerdProvider) -> None:
+    """As on Docker: busybox has no `builder`; the provider adds it (passwd lines: no useradd)."""
+    spec, _ = tagged_spec(user="builder", workdir="/srv/work")
+    with anyio.fail_after(STEP_S):
+        sandbox = await provider.create(spec)
+    try:
+        with anyio.fail_after(STEP_S):
+            made = await sandbox.exec(["sh", "-c", "id -un; pwd; touch f && stat -c %U f /home/builder; id -u"])
+        assert made.ok, made
+        name, workdir, owner, home_owner, uid = made.stdout.decode().split()
+        assert (name, workdir, owner, home_owner) == ("builder", "/srv/work", "builder", "builder")
+        assert uid != "0"
+    finally:
+        with anyio.CancelScope(shield=True), anyio.fail_after(STEP_S):
+            await provider.destroy(sandbox.id)

@@ -86,6 +86,7 @@ from mcp_sandboxes.providers.base import (
 )
 from mcp_sandboxes.providers.local._ctr import INSTALL_FIX, START_FIX, Ctr, CtrResult, ctr_failure
 from mcp_sandboxes.providers.local._local_process import LocalExecStream, run_process, run_to_end
+from mcp_sandboxes.providers.local._users import ensure_user
 from mcp_sandboxes.providers.local.docker import (
     _NO_PID_FILE,
     _SIGNALLER,
@@ -382,6 +383,10 @@ class ContainerdProvider(ProviderLifecycle):
                     raise
                 raise mapped from exc
             await self._apply_cgroup_limits(name, pids=spec.limits.pids, memory_mb=spec.limits.memory_mb)
+            sandbox = ContainerdSandbox(self, name, workdir=workdir, default_user=spec.user)
+            if spec.user:
+                # An image without the sandbox user gets it, as on Docker (any image runs agents unprivileged).
+                await ensure_user(sandbox, spec.user, image=spec.image, workdir=workdir)
         except BaseException as exc:
             # A ctr cut short may leave a container the engine still makes; a failed task
             # start leaves the container record. Either way only ours (by token) is removed.
@@ -389,7 +394,7 @@ class ContainerdProvider(ProviderLifecycle):
             with anyio.CancelScope(shield=True), anyio.move_on_after(API_TIMEOUT_S):
                 await self._remove_leftover(name, token, wait_s=LEFTOVER_WAIT_S if in_doubt else 0.0)
             raise
-        return ContainerdSandbox(self, name, workdir=workdir, default_user=spec.user)
+        return sandbox
 
     def _run_args(self, spec: SandboxSpec, name: str, token: str, workdir: str) -> list[str]:
         """`ctr run` arguments for a spec; rejects values ctr or the engine would, naming the field."""
