@@ -11,9 +11,12 @@ forwarder (`forward PORT SOCKET argv...`), which keeps the command's pid and ser
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import shutil
+import stat
+import tempfile
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -36,7 +39,7 @@ from mcp_sandboxes.egress.plan import (
     proxy_environment,
 )
 from mcp_sandboxes.egress.proxy import EgressProxy, RefusedRequest
-from mcp_sandboxes.errors import InvalidInputError
+from mcp_sandboxes.errors import InvalidInputError, ProviderError
 from mcp_sandboxes.events import NetworkRefused
 from mcp_sandboxes.files import make_private_dir
 from mcp_sandboxes.orchestrator.clis import with_host_cli
@@ -113,7 +116,8 @@ class EgressService:
         self._settings = settings
         self._environ = environ
         self._emit = emit
-        self._root = settings.server.data_dir.expanduser() / "egress"
+        self._bin = settings.server.data_dir.expanduser() / "egress" / "bin"
+        self._root = sockets_root(settings.server.data_dir.expanduser() / "egress")
         self._proxy: EgressProxy | None = None
         self._open: dict[str, SessionEgress] = {}
         self._agent_upstream: str | None = None
@@ -164,7 +168,7 @@ class EgressService:
     async def _forwarder_path(self) -> Path:
         async with self._lock:
             if self._forwarder is None:
-                self._forwarder = await forwarder_binary(self._root / "bin")
+                self._forwarder = await forwarder_binary(self._bin)
             return self._forwarder
 
     async def sandbox_mounts(self, key: str) -> list[Mount]:
@@ -172,7 +176,7 @@ class EgressService:
         `key` names the sandbox, e.g. its name, so a pooled sandbox made before its session has
         one too) and the forwarder. The socket itself appears there when a session opens."""
         forwarder = await self._forwarder_path()
-        directory = self._root / key
+        directory = self._dir(key)
         await anyio.to_thread.run_sync(_make_socket_dir, directory)
         return [
             Mount(source=str(directory), target=SANDBOX_EGRESS_DIR, read_only=True),
@@ -200,9 +204,9 @@ class EgressService:
         egress = SessionEgress(session_id, key, plan, agent_endpoint=agent_endpoint)
         self._open[session_id] = egress
         try:
-            await anyio.to_thread.run_sync(_make_socket_dir, self._root / key)
+            await anyio.to_thread.run_sync(_make_socket_dir, self._dir(key))
             if key != session_id:
-                await anyio.to_thread.run_sync(_link, self._root / session_id, key)
+                await anyio.to_thread.run_sync(_link, self._dir(session_id), self._dir(key).name)
             await self._serve(egress)
         except BaseException:
             with anyio.CancelScope(shield=True):
@@ -214,27 +218,27 @@ class EgressService:
             return
         upstream = self._agent_upstream if egress.agent_endpoint else None
         policy = egress.plan.policy.model_copy(update={"agent_upstream": upstream})
-        await self._proxy.serve(self._root / egress.key / SOCKET_NAME, policy)
+        await self._proxy.serve(self._dir(egress.key) / SOCKET_NAME, policy)
 
     async def close(self, session_id: str) -> None:
         """Stop serving the session's socket and remove its sandbox's directory (idempotent)."""
         egress = self._open.pop(session_id, None)
-        named = self._root / session_id
-        served = self._root / (egress.key if egress is not None else session_id) / SOCKET_NAME
+        named = self._dir(session_id)
+        served = self._dir(egress.key if egress is not None else session_id) / SOCKET_NAME
         if self._proxy is not None:
             try:
                 await self._proxy.stop(served)
             except Exception:  # the socket may be gone already
                 logger.debug("stopping the egress socket of %s failed", session_id, exc_info=True)
-        key = egress.key if egress is not None else session_id
+        directory = self._dir(egress.key if egress is not None else session_id)
         if named.is_symlink():
-            key = os.readlink(named)
+            directory = self._root / os.readlink(named)
             named.unlink(missing_ok=True)
-        await self.discard(key)
+        await anyio.to_thread.run_sync(lambda: shutil.rmtree(directory, ignore_errors=True))
 
     async def discard(self, key: str) -> None:
         """Remove sandbox `key`'s egress directory (a pooled sandbox that was never taken)."""
-        directory = self._root / key
+        directory = self._dir(key)
         await anyio.to_thread.run_sync(lambda: shutil.rmtree(directory, ignore_errors=True))
 
     async def prune(self, sessions: set[str]) -> None:
@@ -244,8 +248,9 @@ class EgressService:
         def sweep() -> None:
             if not self._root.is_dir():
                 return
-            keep = {"bin", *sessions}
-            keep |= {os.readlink(self._root / s) for s in sessions if (self._root / s).is_symlink()}
+            named = [self._dir(s) for s in sessions]
+            keep = {"bin", *(path.name for path in named)}
+            keep |= {os.readlink(path) for path in named if path.is_symlink()}
             for entry in self._root.iterdir():
                 if entry.name in keep:
                     continue
@@ -256,9 +261,28 @@ class EgressService:
 
         await anyio.to_thread.run_sync(sweep)
 
+    def _dir(self, key: str) -> Path:
+        """Sandbox `key`'s egress directory: named by a short digest, since a unix socket's whole
+        path must fit in 107 bytes."""
+        return self._root / hashlib.sha256(key.encode()).hexdigest()[:16]
+
     def credential_values(self) -> list[str]:
         """Every real credential some open session's proxy swaps in (for redaction)."""
         return sorted({value for egress in self._open.values() for value in egress.plan.credentials.values()})
+
+
+# Room a socket path needs below the root: "/" + 16-character directory + "/proxy.sock".
+_SOCKET_TAIL = 1 + 16 + 1 + len(SOCKET_NAME)
+_UNIX_PATH_MAX = 107
+
+
+def sockets_root(preferred: Path) -> Path:
+    """Where egress directories go: `<data_dir>/egress`, unless that path is too long for a unix
+    socket below it; then a private directory under the system's temporary directory."""
+    if len(str(preferred)) + _SOCKET_TAIL <= _UNIX_PATH_MAX:
+        return preferred
+    digest = hashlib.sha256(str(preferred).encode()).hexdigest()[:12]
+    return Path(tempfile.gettempdir()) / f"mcp-sandboxes-egress-{digest}"
 
 
 def _link(named: Path, key: str) -> None:
@@ -268,6 +292,10 @@ def _link(named: Path, key: str) -> None:
 
 def _make_socket_dir(directory: Path) -> None:
     make_private_dir(directory.parent)
+    owner = directory.parent.lstat()
+    if stat.S_ISLNK(owner.st_mode) or owner.st_uid != os.getuid():
+        # The fallback root sits in a shared temporary directory: never one another user made.
+        raise ProviderError(f"{directory.parent} is not this server's own directory; remove it and retry")
     directory.mkdir(exist_ok=True)
     # The sandbox's user is another uid: it must reach the socket inside (the socket is 0666;
     # the directory above it, 0700, is not on the sandbox's path: only this one is mounted).

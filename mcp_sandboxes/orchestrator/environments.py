@@ -14,6 +14,7 @@ from mcp_sandboxes.orchestrator.egress import (
     EgressService,
     provider_network,
     refuse_model_network,
+    supports_model_network,
 )
 from mcp_sandboxes.orchestrator.preparation import Preparations
 from mcp_sandboxes.orchestrator.providers import ProviderPool
@@ -94,8 +95,7 @@ class EnvironmentService:
                     " Set it in the server's own environment and name it in backends.<backend>.pass_env"
                     " (API keys), or pass it to the agent some other way",
                 )
-        # TODO(issue 11): "model" by default where supports_model_network(provider), once the proxy lands.
-        network = request.network or "none"
+        network = request.network or ("model" if supports_model_network(request.provider) else "none")
         self.check_network(network)
         if network == "model":
             refuse_model_network(request.provider)

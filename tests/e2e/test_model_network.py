@@ -91,7 +91,14 @@ async def test_each_backend_works_through_the_proxy_and_never_holds_the_key(case
             assert f"{case.backend}-proof" in output
             # The CLI's environment holds placeholders only; had the real key been there, the
             # journal would show "[redacted]" instead.
-            assert PLACEHOLDER in output and real_key not in output and "[redacted]" not in output, output
+            # Droid's BYOK key sits in its settings file, not its environment.
+            config = (
+                docker_exec(container, "sh", "-c", "cat /home/agent/.mcp-sandboxes/*")
+                if case.backend == "factory"
+                else ""
+            )
+            assert PLACEHOLDER in output + config and real_key not in output + config, output + config
+            assert "[redacted]" not in output, output
             assert "HTTPS_PROXY=http://127.0.0.1:18080" in output
             # The real key reached the model server (swapped in by the proxy), the placeholder never did.
             assert model.recorder.received_credential(real_key)
