@@ -134,6 +134,22 @@ class BudgetSettings(BaseModel):
     max_wall_s: float = Field(default=0, ge=0, description="Seconds since the tree's top session was spawned.")
 
 
+class EgressSettings(BaseModel):
+    """Network mode "model" (mcp_sandboxes/egress)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    forwarder_path: str = Field(
+        default="", description="A prebuilt static forwarder (forward.c); empty: built once with the C compiler."
+    )
+    allow_private_addresses: bool = Field(
+        default=False,
+        description="Let allowed_hosts names that resolve to loopback, private or link-local addresses through"
+        " (e.g. 'localhost'); off, such a name is refused, so no allowed name can be pointed at this host's"
+        " services or a cloud metadata address.",
+    )
+
+
 class WorkspaceSettings(BaseModel):
     """Workspaces: host directories and git repositories brought into sandboxes, and the work
     read back out of them."""
@@ -190,6 +206,7 @@ class Settings(BaseModel):
     permissions: PermissionSettings = Field(default_factory=PermissionSettings)
     budgets: BudgetSettings = Field(default_factory=BudgetSettings)
     workspaces: WorkspaceSettings = Field(default_factory=WorkspaceSettings)
+    egress: EgressSettings = Field(default_factory=EgressSettings)
     providers: dict[str, dict[str, Any]] = Field(default_factory=dict)
     backends: dict[str, BackendSettings] = Field(default_factory=dict)
 

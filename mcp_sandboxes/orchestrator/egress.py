@@ -139,7 +139,10 @@ class EgressService:
         )
 
     def proxy(self) -> EgressProxy:
-        return EgressProxy(on_refused=self._on_refused)
+        return EgressProxy(
+            on_refused=self._on_refused,
+            refuse_private_addresses=not self._settings.egress.allow_private_addresses,
+        )
 
     # -- what the server tells us once it listens -------------------------------------------
 
@@ -168,7 +171,17 @@ class EgressService:
     async def _forwarder_path(self) -> Path:
         async with self._lock:
             if self._forwarder is None:
-                self._forwarder = await forwarder_binary(self._bin)
+                configured = self._settings.egress.forwarder_path
+                if configured:
+                    path = Path(configured).expanduser()
+                    if not path.is_file() or not os.access(path, os.X_OK):
+                        raise ProviderError(
+                            f"egress.forwarder_path: {path} is not an executable file; build forward.c"
+                            " with `cc -static -Os -s` or leave it empty to have it built"
+                        )
+                    self._forwarder = path
+                else:
+                    self._forwarder = await forwarder_binary(self._bin)
             return self._forwarder
 
     async def sandbox_mounts(self, key: str) -> list[Mount]:

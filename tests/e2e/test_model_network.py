@@ -118,8 +118,8 @@ ATTACK = """set +e
 curl -s -m 5 -o /dev/null http://127.0.0.1:{model_port}/ ; echo "direct-model=$?"
 curl -s -m 5 -o /dev/null http://127.0.0.1:{operator_port}/mcp ; echo "direct-operator=$?"
 curl -s -m 5 -o /dev/null https://not-allowed.example/ ; echo "name=$?"
-echo "proxied-operator=$(curl -s -m 5 -o /dev/null -w '%{{http_code}}' -x http://127.0.0.1:18080 http://127.0.0.1:{operator_port}/mcp)"
-echo "proxied-localhost=$(curl -s -m 5 -o /dev/null -w '%{{http_code}}' -x http://127.0.0.1:18080 http://localhost:{operator_port}/mcp)"
+echo "proxied-operator=$(curl -s -m 5 -o /dev/null -w '%{{http_code}}' --noproxy '' -x http://127.0.0.1:18080 http://127.0.0.1:{operator_port}/mcp)"
+echo "proxied-localhost=$(curl -s -m 5 -o /dev/null -w '%{{http_code}}' --noproxy '' -x http://127.0.0.1:18080 http://localhost:{operator_port}/mcp)"
 echo "unknown-route=$(curl -s -m 5 -o /dev/null -w '%{{http_code}}' http://127.0.0.1:18080/nowhere)"
 echo "key=$ANTHROPIC_API_KEY"
 echo attack-done
@@ -130,14 +130,16 @@ async def test_from_inside_only_the_model_api_and_allowed_names_are_reachable(tm
     script = Script()
     with ScriptedModelServer(script) as model:
         real_key = f"sk-real-{uuid.uuid4().hex}"
-        env = server_environment(tmp_path / "data", model.url, claude_bin, {"ANTHROPIC_API_KEY": real_key})
+        # "localhost" may be allowed at all only with allow_private_addresses (checked below without it).
+        extra = {"ANTHROPIC_API_KEY": real_key, "MCP_SANDBOXES_EGRESS__ALLOW_PRIVATE_ADDRESSES": "true"}
+        env = server_environment(tmp_path / "data", model.url, claude_bin, extra)
         async with mcp_server("http", env) as mcp:
             assert mcp.operator_url is not None
             operator_port = int(mcp.operator_url.split(":")[2].split("/")[0])
             attack = ATTACK.format(model_port=model.port, operator_port=operator_port)
             script.on(user_contains="ATTACK", reply=Reply(tool_calls=[ToolCall("Bash", {"command": attack})]))
             script.on(tool_result_contains="attack-done", reply=Reply(text="ATTACK-REPORTED"))
-            allowed = f"curl -s -m 5 -x http://127.0.0.1:18080 http://localhost:{model.port}/v1/models; echo allowed=$?"
+            allowed = f"curl -s -m 5 --noproxy '' -x http://127.0.0.1:18080 http://localhost:{model.port}/v1/models; echo allowed=$?"
             script.on(user_contains="ALLOWED", reply=Reply(tool_calls=[ToolCall("Bash", {"command": allowed})]))
             script.on(tool_result_contains="allowed=", reply=Reply(text="ALLOWED-REPORTED"))
 
