@@ -97,10 +97,13 @@ def _texts(events: list[dict[str, Any]], kind: str) -> list[str]:
     return ["".join(block["text"] for block in e["data"]["content"]) for e in events if e["type"] == kind]
 
 
+@pytest.mark.parametrize("network", ["host", "model"])
 @pytest.mark.parametrize("case", CASES, ids=lambda case: case.name)
 async def test_spawn_write_a_file_resume_and_stop(
-    case: ProviderCase, tmp_path: Path, model_server: ScriptedModelServer, claude_bin: Path
+    case: ProviderCase, network: str, tmp_path: Path, model_server: ScriptedModelServer, claude_bin: Path
 ) -> None:
+    """network "host": the CLI calls the scripted model server on 127.0.0.1 directly; "model": it
+    has no route out and reaches it through the egress proxy's socket mounted into the sandbox."""
     reason = case.unavailable()
     assert reason is None, f"{case.name} cannot run here: {reason}"
     settings = case.settings(tmp_path)
@@ -113,11 +116,11 @@ async def test_spawn_write_a_file_resume_and_stop(
                 "name": f"spine-{case.name}",
                 "provider": case.name,
                 "image": BASE_IMAGE,
-                "network": "host",  # the scripted model server listens on 127.0.0.1
+                "network": network,
                 "memory_mb": 2048,
             },
         )
-        assert environment["state"] == "ready"
+        assert environment["state"] == "ready" and environment["network"] == network
 
         spawned = await mcp.call(
             "spawn_agent",
