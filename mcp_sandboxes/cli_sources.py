@@ -21,8 +21,8 @@ from mcp.client.streamable_http import streamable_http_client
 from mcp_types import CallToolResult, TextContent
 
 from mcp_sandboxes.errors import ConflictError, McpSandboxesError, NotFoundError
-from mcp_sandboxes.orchestrator import render_transcript
-from mcp_sandboxes.store import EventRecord, SessionRecord
+from mcp_sandboxes.orchestrator import WorkspaceView, render_transcript
+from mcp_sandboxes.store import WORKSPACE_ADAPTER, EventRecord, SessionRecord
 
 # A tool call that is not a long-poll; the long-polls add their own wait to it.
 CALL_TIMEOUT_S = 60.0
@@ -150,6 +150,8 @@ class LocalSource:
             "stop_reason": record.stop_reason,
             "last_error": record.last_error,
             "sandbox_id": record.sandbox_id,
+            "workspace_branch": record.workspace_branch,
+            "workspace_base": record.workspace_base,
             "turns": len(turns),
             "queued_turns": sum(1 for turn in turns if turn["status"] == "queued"),
             "usage": record.usage.model_dump(),
@@ -193,6 +195,7 @@ class LocalSource:
                     "image": spec.get("image", ""),
                     "workdir": spec.get("workdir", ""),
                     "network": spec.get("network", ""),
+                    "workspace": _workspace(row["workspace_json"]),
                     "state": "(not checked: no server)",
                     "live_sessions": live.get(row["id"], 0),
                     "created_at": row["created_at"],
@@ -241,3 +244,9 @@ class LocalSource:
 
 # How often `logs -f` re-reads the file when no server is named.
 LOCAL_POLL_S = 0.5
+
+
+def _workspace(stored: str | None) -> dict[str, Any] | None:
+    """An environment's stored workspace as the server's views show it (no credentials in URLs)."""
+    view = WorkspaceView.of(WORKSPACE_ADAPTER.validate_json(stored)) if stored else None
+    return None if view is None else view.model_dump()

@@ -189,6 +189,7 @@ async def _sessions(source: Source, console: Console, live_only: bool) -> int:
         ("Status", "left"),
         ("Backend", "left"),
         ("Environment", "left"),
+        ("Workspace", "left"),
         ("Turns", "right"),
         ("In", "right"),
         ("Out", "right"),
@@ -204,6 +205,7 @@ async def _sessions(source: Source, console: Console, live_only: bool) -> int:
             Text(s["status"], style=STATUS_STYLES.get(s["status"], "")),
             backend,
             s.get("environment_name") or s["environment_id"],
+            workspace_of_session(s),
             str(s.get("turns", "")),
             str(usage.get("input_tokens", 0)),
             str(usage.get("output_tokens", 0)),
@@ -298,13 +300,30 @@ async def _stop(source: Source, console: Console, session_id: str) -> int:
     return 0
 
 
+def workspace_of_session(session: dict[str, Any]) -> str:
+    """ "branch <name> from <commit>" for a session with a workspace branch, else ""."""
+    branch, base = session.get("workspace_branch"), session.get("workspace_base")
+    if not branch:
+        return ""
+    return f"{branch} from {base[:12]}" if base else str(branch)
+
+
+def workspace_of_environment(workspace: dict[str, Any] | None) -> str:
+    """ "git <source>@<ref>" or "directory <path> (<mode>)"; "" without a workspace."""
+    if not workspace:
+        return ""
+    if workspace.get("kind") == "git":
+        return f"git {workspace.get('source')}" + (f"@{workspace['ref']}" if workspace.get("ref") else "")
+    return f"directory {workspace.get('source')} ({workspace.get('mode')})"
+
+
 async def _envs(source: Source, console: Console) -> int:
     environments = await source.environments()
     if not environments:
         console.print(f"no environments ({source.where})")
         return 0
     table = Table(title=f"Environments ({source.where})", title_justify="left")
-    for name in ("Name", "Id", "Provider", "Image", "Network", "State", "Live sessions"):
+    for name in ("Name", "Id", "Provider", "Image", "Network", "Workspace", "State", "Live sessions"):
         table.add_column(name, justify="right" if name == "Live sessions" else "left")
     for env in environments:
         table.add_row(
@@ -313,6 +332,7 @@ async def _envs(source: Source, console: Console) -> int:
             env["provider"],
             env["image"],
             str(env.get("network", "")),
+            workspace_of_environment(env.get("workspace")),
             env.get("state", ""),
             str(env.get("live_sessions", 0)),
         )

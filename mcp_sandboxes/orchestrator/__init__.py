@@ -9,7 +9,7 @@ from mcp_sandboxes.orchestrator.permissions import Decision, PermissionRequest
 from mcp_sandboxes.orchestrator.providers import provider_names
 from mcp_sandboxes.orchestrator.subagents import OPERATOR, Caller, Lineage
 from mcp_sandboxes.orchestrator.transcript import render_transcript
-from mcp_sandboxes.orchestrator.views import EnvironmentView, EventsPage, SessionView
+from mcp_sandboxes.orchestrator.views import EnvironmentView, EventsPage, SessionView, WorkspaceView
 from mcp_sandboxes.store.records import Packages, SessionStatus, WorkspaceSpec
 
 __all__ = [
@@ -27,6 +27,7 @@ __all__ = [
     "SessionStatus",
     "SessionView",
     "WorkspaceSpec",
+    "WorkspaceView",
     "describe_backends",
     "provider_names",
     "render_transcript",

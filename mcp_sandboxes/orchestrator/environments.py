@@ -18,7 +18,7 @@ from mcp_sandboxes.orchestrator.egress import (
 )
 from mcp_sandboxes.orchestrator.preparation import Preparations
 from mcp_sandboxes.orchestrator.providers import ProviderPool
-from mcp_sandboxes.orchestrator.views import EnvironmentView
+from mcp_sandboxes.orchestrator.views import EnvironmentView, WorkspaceView
 from mcp_sandboxes.orchestrator.workspaces import check_workspace, workspace_mounts
 from mcp_sandboxes.providers.base import NetworkMode, ResourceLimits, SandboxSpec
 from mcp_sandboxes.redaction import looks_like_secret_name, looks_like_secret_value
@@ -203,6 +203,7 @@ class EnvironmentService:
             created_by_session=record.created_by_session,
             env_keys=sorted(record.spec.env),
             setup_commands=record.setup_commands,
+            workspace=WorkspaceView.of(record.workspace),
             packages=record.packages,
             prepared_image=record.prepared_image,
             state=state,

@@ -67,6 +67,8 @@ class SessionReads:
             last_error=session.last_error,
             sandbox_id=session.sandbox_id,
             agent_session_id=session.native_session_id,
+            workspace_branch=session.workspace_branch,
+            workspace_base=session.workspace_base,
             turns=len(turns),
             queued_turns=sum(1 for t in turns if t.status == "queued"),
             usage=session.usage,

@@ -3,12 +3,35 @@
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import BaseModel, Field
 
 from mcp_sandboxes.events import Usage
 from mcp_sandboxes.providers.base import NetworkMode, ResourceLimits
-from mcp_sandboxes.store import Packages
+from mcp_sandboxes.store import DirectoryWorkspace, GitWorkspace, Packages
+
+
+class WorkspaceView(BaseModel):
+    """What an environment brings into each sandbox: a host directory or a git repository."""
+
+    kind: str = Field(description="'directory' or 'git'.")
+    source: str = Field(description="The host path, or the repository's path or URL (without any credentials).")
+    mode: str | None = Field(default=None, description="A directory's mode: 'copy', 'ro' or 'rw'.")
+    ref: str | None = Field(default=None, description="A repository's starting branch, tag or commit (None: HEAD).")
+
+    @classmethod
+    def of(cls, workspace: DirectoryWorkspace | GitWorkspace | None) -> WorkspaceView | None:
+        if workspace is None:
+            return None
+        if isinstance(workspace, DirectoryWorkspace):
+            return cls(kind="directory", source=workspace.path, mode=workspace.mode)
+        parts = urlsplit(workspace.url)
+        source = workspace.url
+        if parts.scheme and "@" in parts.netloc:
+            # A token in https://user:token@host/... is never shown back.
+            source = urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+        return cls(kind="git", source=source, ref=workspace.ref)
 
 
 class EnvironmentView(BaseModel):
@@ -27,6 +50,7 @@ class EnvironmentView(BaseModel):
     created_by_session: str | None = Field(default=None, description="The agent's session that made it, if any.")
     env_keys: list[str] = Field(description="Names of the environment variables set (values are not echoed).")
     setup_commands: list[str]
+    workspace: WorkspaceView | None = Field(default=None, description="What each sandbox starts with.")
     packages: Packages = Field(default_factory=Packages, description="Packages its prepared image installs.")
     prepared_image: str | None = Field(
         default=None,
@@ -86,6 +110,10 @@ class SessionView(BaseModel):
     last_error: str | None = None
     sandbox_id: str | None = None
     agent_session_id: str | None = Field(default=None, description="The agent CLI's own session id (for resume).")
+    workspace_branch: str | None = Field(default=None, description="The git branch its workspace works on, if any.")
+    workspace_base: str | None = Field(
+        default=None, description="The commit its workspace started at (session_diff compares against it)."
+    )
     turns: int
     queued_turns: int
     usage: Usage

@@ -155,6 +155,9 @@ function startSession() {
       ["Usage", `in ${s.usage.input_tokens}, out ${s.usage.output_tokens}`], ["Cost", cost(s.usage)],
       ["Sandbox", s.sandbox_id || "–"], ["Stop reason", s.stop_reason || "–"],
     ];
+    if (s.workspace_branch) {
+      facts.push(["Workspace", `branch ${s.workspace_branch}` + (s.workspace_base ? ` from ${s.workspace_base.slice(0, 12)}` : "")]);
+    }
     if (s.last_error) facts.push(["Last error", s.last_error]);
     document.getElementById("facts").replaceChildren(...facts.flatMap(([k, v]) => [el("dt", { text: k }), el("dd", {}, v)]));
     const over = FINAL.has(s.status);
