@@ -30,32 +30,49 @@ async def _wait_for_port(port: int, process: anyio.abc.Process) -> None:
                 await anyio.sleep(0.1)
 
 
-async def test_the_example_orchestrates_a_sub_agent_over_http(tmp_path: Path, claude_bin: Path) -> None:
+async def _run_example(tmp_path: Path, env: dict[str, str]) -> subprocess.CompletedProcess[bytes]:
+    """The example against a real HTTP server started with `env`."""
+    port = free_port()
+    async with await anyio.open_process(
+        [sys.executable, "-m", "mcp_sandboxes", "serve", "--transport", "http", "--port", str(port)],
+        env=env,
+        cwd=str(ROOT),
+    ) as server:
+        try:
+            await _wait_for_port(port, server)
+            return await anyio.run_process(
+                [sys.executable, "examples/orchestrate.py", f"http://127.0.0.1:{port}/mcp"],
+                cwd=str(ROOT),
+                env={**os.environ, "PYTHONPATH": str(ROOT), "MCP_SANDBOXES_DATA_DIR": str(tmp_path / "data")},
+                check=False,
+            )
+        finally:
+            if server.returncode is None:
+                server.terminate()
+            await server.wait()
+
+
+async def test_the_example_orchestrates_a_sub_agent_over_http_with_the_defaults(tmp_path: Path) -> None:
     script = Script(fallback=Reply(text="EXAMPLE-REPLY"))
     with ScriptedModelServer(script) as model:
-        port = free_port()
-        env = server_environment(tmp_path / "data", model.url, claude_bin)
-        async with await anyio.open_process(
-            [sys.executable, "-m", "mcp_sandboxes", "serve", "--transport", "http", "--port", str(port)],
-            env=env,
-            cwd=str(ROOT),
-        ) as server:
-            try:
-                await _wait_for_port(port, server)
-                example = await anyio.run_process(
-                    [sys.executable, "examples/orchestrate.py", f"http://127.0.0.1:{port}/mcp"],
-                    cwd=str(ROOT),
-                    env={**os.environ, "PYTHONPATH": str(ROOT), "MCP_SANDBOXES_DATA_DIR": str(tmp_path / "data")},
-                    check=False,
-                )
-            finally:
-                if server.returncode is None:
-                    server.terminate()
-                await server.wait()
+        env = server_environment(tmp_path / "data", model.url, Path("/nonexistent"))
+        # The defaults: no CLI configured; the example's image has none either (the server brings its own).
+        env.pop("MCP_SANDBOXES_BACKENDS__CLAUDE__CLI_PATH")
+        example = await _run_example(tmp_path, env)
     output = example.stdout.decode()
     assert example.returncode == 0, example.stderr.decode()[-2000:]
     assert "session.status_idle" in output
     assert "EXAMPLE-REPLY" in output and "Now run it" in output  # the transcript of both turns
+
+
+async def test_the_example_exits_non_zero_saying_why_when_its_agent_cannot_run(tmp_path: Path) -> None:
+    with ScriptedModelServer(Script(fallback=Reply(text="never"))) as model:
+        env = server_environment(tmp_path / "data", model.url, Path("/nonexistent"))
+        env.pop("MCP_SANDBOXES_BACKENDS__CLAUDE__CLI_PATH")
+        env.pop("ANTHROPIC_API_KEY")
+        example = await _run_example(tmp_path, env)
+    assert example.returncode == 1, example.stdout.decode()[-2000:]
+    assert "no API key: set ANTHROPIC_API_KEY or ANTHROPIC_AUTH_TOKEN" in example.stderr.decode()
 
 
 async def test_the_http_transport_requires_the_bearer_token_when_one_is_set(tmp_path: Path, claude_bin: Path) -> None:
