@@ -9,6 +9,9 @@ from pydantic import BaseModel, Field
 
 from mcp_sandboxes.backends.registry import backend_names, build_backend
 from mcp_sandboxes.config import Settings
+from mcp_sandboxes.egress.forwarder import configured_forwarder
+from mcp_sandboxes.errors import McpSandboxesError
+from mcp_sandboxes.orchestrator.egress import EGRESS_PROVIDERS
 from mcp_sandboxes.providers.base import Availability, SandboxSpec
 from mcp_sandboxes.providers.registry import build_provider, provider_names
 
@@ -41,6 +44,12 @@ class DoctorReport(BaseModel):
     configured_backends: list[str] = Field(
         default_factory=list, description="Backends the config points at a CLI for (cli_path set)."
     )
+    egress_forwarder: str | None = Field(
+        default=None, description="Network 'model': the in-sandbox forwarder's path on the host (None: unusable)."
+    )
+    egress_problem: str | None = Field(
+        default=None, description="Why network 'model' (the default on the default provider) cannot work."
+    )
 
     @property
     def problems(self) -> list[str]:
@@ -50,6 +59,8 @@ class DoctorReport(BaseModel):
         if default is None or not default.available:
             reason = default.reason if default is not None else "it is not a provider this server knows"
             found.append(f"the default provider {self.default_provider!r} cannot work: {reason}")
+        if self.egress_problem is not None:
+            found.append(self.egress_problem)
         for backend in self.backends:
             if backend.backend in self.configured_backends and not backend.usable:
                 found.append(f"backend {backend.backend!r} is configured but cannot work: {backend.detail}")
@@ -129,6 +140,21 @@ async def _check_image(image: str, settings: Settings, clis: dict[str, str]) -> 
     return report
 
 
+async def _check_egress(settings: Settings) -> tuple[str | None, str | None]:
+    """The forwarder network 'model' needs: (its path, None) or (None, what is wrong), the
+    latter only when 'model' is the default network of the default provider."""
+    try:
+        with anyio.fail_after(CHECK_TIMEOUT_S * 4):
+            path = await configured_forwarder(
+                settings.egress.forwarder_path, settings.server.data_dir.expanduser() / "egress" / "bin"
+            )
+    except (McpSandboxesError, TimeoutError) as exc:
+        if settings.server.default_provider not in EGRESS_PROVIDERS:
+            return None, None
+        return None, f"network 'model' (the default for {settings.server.default_provider}) cannot work: {exc}"
+    return str(path), None
+
+
 async def diagnose(settings: Settings, images: list[str] | None = None) -> DoctorReport:
     providers = [await _check_provider(name, settings) for name in provider_names()]
     backends = [_check_backend(name, settings) for name in backend_names()]
@@ -138,7 +164,10 @@ async def diagnose(settings: Settings, images: list[str] | None = None) -> Docto
     clis = {b.backend: b.executable for b in backends if b.executable}
     image_reports = [await _check_image(image, settings, clis) for image in images] if default_ok else []
     configured = [name for name in backend_names() if settings.backend(name).cli_path]
+    forwarder, egress_problem = await _check_egress(settings)
     return DoctorReport(
+        egress_forwarder=forwarder,
+        egress_problem=egress_problem,
         providers=providers,
         backends=backends,
         images=image_reports,
@@ -173,6 +202,8 @@ def format_report(report: DoctorReport) -> str:
             continue
         found = ", ".join(f"{b}={'yes' if ok else 'no'}" for b, ok in image.cli_found.items())
         lines.append(f"  {image.image} ({image.provider}): {found}")
+    if report.egress_forwarder is not None:
+        lines.append(f"Network 'model': ok (forwarder {report.egress_forwarder})")
     if report.problems:
         lines.append("Problems:")
         lines.extend(f"  {problem}" for problem in report.problems)

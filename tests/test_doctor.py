@@ -91,3 +91,15 @@ def test_doctor_exits_non_zero_when_the_default_provider_or_a_configured_backend
     code, report = run_doctor("--image", BASE_IMAGE, env={"MCP_SANDBOXES_BACKENDS__CLAUDE__CLI_PATH": missing})
     assert code == 1
     assert any("backend 'claude' is configured but cannot work" in problem for problem in report["problems"])
+
+
+def test_doctor_reports_whether_network_model_can_work(tmp_path: Any) -> None:
+    data = {"MCP_SANDBOXES_DATA_DIR": str(tmp_path / "data")}
+    code, report = run_doctor("--image", BASE_IMAGE, env=data)
+    assert report["egress_forwarder"] and os.access(report["egress_forwarder"], os.X_OK), report
+    assert report["egress_problem"] is None
+    # No compiler and no prebuilt forwarder: the default network of the default provider cannot work.
+    code, report = run_doctor("--image", BASE_IMAGE, env={**data, "CC": "/nonexistent/cc"} | {
+        "MCP_SANDBOXES_DATA_DIR": str(tmp_path / "other")})  # fmt: skip
+    assert code == 1 and report["egress_forwarder"] is None
+    assert any("network 'model' (the default for docker) cannot work" in p for p in report["problems"]), report

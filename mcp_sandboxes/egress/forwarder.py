@@ -104,3 +104,17 @@ async def _remove(path: Path) -> None:
     # Shielded: a cancelled caller still leaves no temporary file behind.
     with anyio.CancelScope(shield=True):
         await anyio.Path(path).unlink(missing_ok=True)
+
+
+async def configured_forwarder(forwarder_path: str, cache_dir: Path) -> Path:
+    """The forwarder to mount: `forwarder_path` (egress.forwarder_path) when set, checked to be
+    an executable file; else the one built from the shipped source into `cache_dir`."""
+    if not forwarder_path:
+        return await forwarder_binary(cache_dir)
+    path = await anyio.Path(forwarder_path).expanduser()
+    if not await path.is_file() or not os.access(path, os.X_OK):
+        raise ProviderError(
+            f"egress.forwarder_path: {path} is not an executable file; build forward.c with"
+            " `cc -static -Os -s` or leave it empty to have it built"
+        )
+    return Path(path)

@@ -26,7 +26,7 @@ import anyio
 from mcp_sandboxes.backends import build_backend, model_urls
 from mcp_sandboxes.backends.base import AgentSpec, Backend, Command, Translator, Turn
 from mcp_sandboxes.config import Settings
-from mcp_sandboxes.egress.forwarder import forwarder_binary
+from mcp_sandboxes.egress.forwarder import configured_forwarder
 from mcp_sandboxes.egress.plan import (
     SANDBOX_EGRESS_DIR,
     SANDBOX_FORWARDER,
@@ -171,17 +171,7 @@ class EgressService:
     async def _forwarder_path(self) -> Path:
         async with self._lock:
             if self._forwarder is None:
-                configured = self._settings.egress.forwarder_path
-                if configured:
-                    path = Path(configured).expanduser()
-                    if not path.is_file() or not os.access(path, os.X_OK):
-                        raise ProviderError(
-                            f"egress.forwarder_path: {path} is not an executable file; build forward.c"
-                            " with `cc -static -Os -s` or leave it empty to have it built"
-                        )
-                    self._forwarder = path
-                else:
-                    self._forwarder = await forwarder_binary(self._bin)
+                self._forwarder = await configured_forwarder(self._settings.egress.forwarder_path, self._bin)
             return self._forwarder
 
     async def sandbox_mounts(self, key: str) -> list[Mount]:
