@@ -11,7 +11,7 @@ from mcp_sandboxes.backends.registry import backend_names, build_backend
 from mcp_sandboxes.config import Settings
 from mcp_sandboxes.egress.forwarder import configured_forwarder
 from mcp_sandboxes.errors import McpSandboxesError
-from mcp_sandboxes.orchestrator.egress import EGRESS_PROVIDERS
+from mcp_sandboxes.orchestrator import EGRESS_PROVIDERS
 from mcp_sandboxes.providers.base import Availability, SandboxSpec
 from mcp_sandboxes.providers.registry import build_provider, provider_names
 

@@ -4,6 +4,7 @@ The public surface is `__all__` (tests/test_public_surface.py keeps other rooms 
 
 from mcp_sandboxes.backends import describe_backends
 from mcp_sandboxes.orchestrator.core import PROGRESS_INTERVAL_S, Orchestrator, settled, turn_view
+from mcp_sandboxes.orchestrator.egress import EGRESS_PROVIDERS
 from mcp_sandboxes.orchestrator.environments import EnvironmentRequest
 from mcp_sandboxes.orchestrator.permissions import Decision, PermissionRequest
 from mcp_sandboxes.orchestrator.providers import provider_names
@@ -13,6 +14,7 @@ from mcp_sandboxes.orchestrator.views import EnvironmentView, EventsPage, Sessio
 from mcp_sandboxes.store.records import Packages, SessionStatus, WorkspaceSpec
 
 __all__ = [
+    "EGRESS_PROVIDERS",
     "OPERATOR",
     "PROGRESS_INTERVAL_S",
     "Caller",

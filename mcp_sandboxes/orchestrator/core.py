@@ -269,7 +269,7 @@ class Orchestrator:
         no event, transcript or log line may show them."""
         values = {
             self._environ[name]
-            for backend, settings in self.settings.backends.items()
+            for settings in self.settings.backends.values()
             for name in settings.pass_env
             if self._environ.get(name) and is_credential(name, settings)
         }
@@ -277,9 +277,7 @@ class Orchestrator:
 
     def secret_values(self) -> list[str]:
         """Values no caller may see: the credentials handed to agent CLIs and the operator token."""
-        names = {name for settings in self.settings.backends.values() for name in settings.pass_env}
-        values = [self._environ[name] for name in names if self._environ.get(name)]
-        return [*values, *self.extra_secrets]
+        return [*self.credential_values(), *self.extra_secrets]
 
     def backend_names(self) -> list[str]:
         return backend_names()

@@ -27,7 +27,7 @@ from mcp_sandboxes.orchestrator.journal import EventJournal
 from mcp_sandboxes.orchestrator.providers import ProviderPool
 from mcp_sandboxes.orchestrator.runner import OomWatch, RunningTurn, kill_marked, removed_reason, run_turn
 from mcp_sandboxes.providers.base import Sandbox
-from mcp_sandboxes.redaction import redact
+from mcp_sandboxes.redaction import redact, redact_known
 from mcp_sandboxes.store import Database, SessionRecord
 from mcp_sandboxes.store.records import TurnRecord
 
@@ -275,6 +275,16 @@ class WorkerPool:
         self, worker: SessionWorker, session: SessionRecord, idx: int, result: TurnResult
     ) -> None:
         status = {"interrupted": "interrupted", "error": "failed"}.get(result.stop_reason, "done")
+        # What a turn keeps (its final text, error, refused calls) is shown like its events: no
+        # credential the CLI was handed, even when the agent printed it.
+        secrets = self._secret_values()
+        result = result.model_copy(
+            update={
+                "final_text": None if result.final_text is None else redact_known(result.final_text, secrets),
+                "error": None if result.error is None else redact_known(result.error, secrets),
+                "denials": [redact_known(denial, secrets) for denial in result.denials],
+            }
+        )
         await self._db.finish_turn(
             session.id,
             idx,

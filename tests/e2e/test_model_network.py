@@ -139,7 +139,8 @@ async def test_from_inside_only_the_model_api_and_allowed_names_are_reachable(tm
             attack = ATTACK.format(model_port=model.port, operator_port=operator_port)
             script.on(user_contains="ATTACK", reply=Reply(tool_calls=[ToolCall("Bash", {"command": attack})]))
             script.on(tool_result_contains="attack-done", reply=Reply(text="ATTACK-REPORTED"))
-            allowed = f"curl -s -m 5 --noproxy '' -x http://127.0.0.1:18080 http://localhost:{model.port}/v1/models; echo allowed=$?"
+            proxy = "--noproxy '' -x http://127.0.0.1:18080"
+            allowed = f"curl -s -m 5 {proxy} http://localhost:{model.port}/v1/models; echo allowed=$?"
             script.on(user_contains="ALLOWED", reply=Reply(tool_calls=[ToolCall("Bash", {"command": allowed})]))
             script.on(tool_result_contains="allowed=", reply=Reply(text="ALLOWED-REPORTED"))
 

@@ -78,6 +78,10 @@ def main() -> int:
     )
     emit({"type": "agent.message", "content": [{"type": "text", "text": answer}]})
 
+    if prompt.startswith("PRINTENV"):
+        # An agent printing a variable of its environment (e.g. its API key).
+        name = prompt.split()[1]
+        emit({"type": "agent.message", "content": [{"type": "text", "text": f"{name}={os.environ.get(name, '')}"}]})
     if prompt.startswith("SLEEP"):
         time.sleep(WAIT_LIMIT_S)
         emit({"type": "agent.message", "content": [{"type": "text", "text": "slept to the end"}]})
