@@ -13,6 +13,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 
 from mcp_sandboxes.egress.plan import placeholder
@@ -20,6 +21,7 @@ from mcp_sandboxes.redaction import looks_like_secret_name
 from tests.conftest import BASE_IMAGE
 from tests.e2e.backend_cases import BackendCase, discover_cases
 from tests.e2e.harness import McpSession, container_exists, docker_exec, mcp_server, server_environment
+from tests.e2e.test_boundary import MCP_CALL_SCRIPT, Answer, call_tool
 from tests.e2e.test_subagents import add_family_rules
 from tests.support.model_server import Reply, Script, ScriptedModelServer, ToolCall
 
@@ -207,4 +209,47 @@ async def test_a_sub_agent_spawns_a_sub_agent_through_the_proxy(tmp_path: Path, 
             sessions = (await mcp.call("list_sessions"))["sessions"]
             children = [s for s in sessions if s["parent_session_id"] == parent["session"]["session_id"]]
             assert len(children) == 1 and children[0]["last_turn"]["final_message"] == "CHILD-DONE: hello from below"
+            await mcp.call("stop_session", {"session_id": parent["session"]["session_id"]})
+
+
+async def agent_call(container: str, entry: dict[str, Any], tool: str, arguments: dict[str, Any]) -> Answer:
+    """One MCP tool call from inside a "model" sandbox as its agent user, the way its shell tool
+    would make it during a turn: through the forwarder and the proxy's /agent/ route."""
+    wrap = ["/opt/mcp-sandboxes/egress/forward", "18080", "/run/mcp-sandboxes/egress/proxy.sock"]
+    argv = ["docker", "exec", "-u", "agent", container, *wrap, "sh", "-c", MCP_CALL_SCRIPT, "attack"]
+    params = json.dumps(call_tool(tool, arguments))
+    authorization = entry["headers"]["Authorization"]
+    with anyio.fail_after(90):
+        completed = await anyio.run_process([*argv, entry["url"], authorization, "tools/call", params])
+    lines = completed.stdout.decode().splitlines()
+    assert lines[0] == "init=200", lines
+    return Answer(200, int(lines[1].removeprefix("call=")), "\n".join(lines[2:]))
+
+
+async def test_an_agent_in_a_model_sandbox_cannot_widen_its_network(tmp_path: Path, claude_bin: Path) -> None:
+    with ScriptedModelServer(Script(fallback=Reply(text="ok"))) as model:
+        env = server_environment(tmp_path / "data", model.url, claude_bin)
+        async with mcp_server("stdio", env) as mcp:
+            await mcp.call("create_environment", {"name": "m", "image": BASE_IMAGE, "allowed_hosts": ["pypi.org"]})
+            parent = await spawn(mcp, "m", "wait here", subagents=True)
+            container = parent["session"]["sandbox_id"]
+            config = json.loads(docker_exec(container, "cat", "/home/agent/.mcp-sandboxes/claude-mcp.json"))
+            entry = config["mcpServers"]["sandboxes"]
+            assert entry["url"] == "http://127.0.0.1:18080/agent/mcp"
+
+            wider = await agent_call(
+                container, entry, "create_environment", {"name": "w", "allowed_hosts": ["pypi.org", "evil.example"]}
+            )
+            assert wider.tool_error().startswith("allowed_hosts: evil.example not in your own environment's")
+            host = await agent_call(container, entry, "create_environment", {"name": "h", "network": "host"})
+            assert host.tool_error().startswith("network: 'host' reaches further than your own environment's 'model'")
+            pooled = await agent_call(container, entry, "create_environment", {"name": "p", "warm_pool": 1})
+            assert pooled.tool_error().startswith("warm_pool: only the operator")
+            same = await agent_call(
+                container, entry, "create_environment", {"name": "s", "allowed_hosts": ["pypi.org"]}
+            )
+            made = same.result()["result"]["structuredContent"]
+            assert made["network"] == "model" and made["allowed_hosts"] == ["pypi.org"], made
+            names = [e["name"] for e in (await mcp.call("list_environments"))["environments"]]
+            assert sorted(names) == ["m", "s"]
             await mcp.call("stop_session", {"session_id": parent["session"]["session_id"]})
