@@ -31,6 +31,7 @@ from mcp_sandboxes.orchestrator.environments import EnvironmentService
 from mcp_sandboxes.orchestrator.journal import EventJournal
 from mcp_sandboxes.orchestrator.providers import ProviderPool
 from mcp_sandboxes.orchestrator.reads import SessionReads
+from mcp_sandboxes.orchestrator.runner import OomWatch
 from mcp_sandboxes.orchestrator.sandboxes import SESSION_LABEL, SandboxCap, sandbox_spec
 from mcp_sandboxes.orchestrator.setup import apply_setup
 from mcp_sandboxes.orchestrator.subagents import (
@@ -98,6 +99,8 @@ class SessionService:
         self._reads = reads
         self._secret_values = secret_values
         self._backends: dict[str, Backend] = {}
+        # (provider, image, backend, mounts) whose CLI probe passed in this server's run.
+        self._clis_ok: set[tuple[str, str, str, tuple[str, ...]]] = set()
         # The MCP endpoint sandboxed agents call back (set by the server once it listens); None:
         # sub-agents cannot be offered.
         self.subagent_url: str | None = None
@@ -233,7 +236,11 @@ class SessionService:
         try:
             if env.provider in MOUNTING_PROVIDERS:
                 # The image runs the CLI (its own, or the host's mounted one), or the spawn says why.
-                await check_cli(sandbox, backend, image=spec.image, user=spec.user)
+                # Once per image and CLI: the answer does not depend on the sandbox (an exec is ~0.1 s).
+                probed = (env.provider, spec.image, backend.name, tuple(m.source for m in spec.mounts))
+                if probed not in self._clis_ok:
+                    await check_cli(sandbox, backend, image=spec.image, user=spec.user)
+                    self._clis_ok.add(probed)
             if plan is not None and self._egress is not None:
                 await self._egress.open(egress_key, session_id, plan, agent_endpoint=token_sha256 is not None)
             # The workspace first: setup commands may build what it brings in.
@@ -283,7 +290,10 @@ class SessionService:
         )
         if parent_session_id is not None:
             await self._journal.emit(parent_session_id, [SessionThreadCreated(child_session_id=session_id)])
-        self._workers.spawn(SessionWorker(session_id=session_id, sandbox=sandbox, backend=backend))
+        # A sandbox no turn has run in yet has had no out-of-memory kill: the first turn need not
+        # read the count before it starts (an exec, ~0.1 s of every spawn).
+        oom = OomWatch(memory_mb=env_spec.limits.memory_mb, seen=0, read=True)
+        self._workers.spawn(SessionWorker(session_id=session_id, sandbox=sandbox, backend=backend, oom=oom))
         return await self._reads.get_session(session_id)
 
     async def _subagent_url(self, network: str, parent_session_id: str | None, *, field: str = "subagents") -> str:
