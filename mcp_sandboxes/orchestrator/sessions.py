@@ -129,6 +129,18 @@ class SessionService:
         this server's tools (a token of its own) to spawn children."""
         if not prompt.strip():
             raise InvalidInputError("prompt", "is empty; say what the agent should do")
+        # The arguments' own consistency first, then what the server and environment allow.
+        if ask_permissions:
+            if agent.backend != "claude":
+                raise InvalidInputError(
+                    "ask_permissions",
+                    f"only the claude backend can route its permission prompts here, not {agent.backend!r};"
+                    " for the others choose permission_mode / allowed_tools up front",
+                )
+            if agent.permission_mode == "bypassPermissions":
+                raise InvalidInputError(
+                    "ask_permissions", "permission_mode 'bypassPermissions' never asks; drop one of the two"
+                )
         if parent_session_id is not None:
             await self._budgets.check(parent_session_id, new_session=True, field="spawn_agent")
         env = await self._environments.get(environment)
@@ -157,17 +169,6 @@ class SessionService:
                 f"environment {env.name!r} runs on the host itself ({env.provider}), where an agent could read"
                 " the server's own files; use a container environment (or set subagents.allow_unsandboxed)",
             )
-        if ask_permissions:
-            if agent.backend != "claude":
-                raise InvalidInputError(
-                    "ask_permissions",
-                    f"only the claude backend can route its permission prompts here, not {agent.backend!r};"
-                    " for the others choose permission_mode / allowed_tools up front",
-                )
-            if agent.permission_mode == "bypassPermissions":
-                raise InvalidInputError(
-                    "ask_permissions", "permission_mode 'bypassPermissions' never asks; drop one of the two"
-                )
         if self._environments.preparations is not None:
             # A prepared environment: its image (waiting for it, within the call), no setup commands.
             env, env_spec = await self._environments.preparations.ready_for_spawn(

@@ -80,13 +80,21 @@ async def test_duplicate_environment_names_conflict(mcp: McpSession) -> None:
 
 
 async def test_a_failing_setup_command_leaves_no_container_and_no_session(mcp: McpSession, tmp_path: Path) -> None:
-    await mcp.call(
+    # Docker prepares the image once, in the background: the failure is the environment's state.
+    made = await mcp.call(
         "create_environment",
-        {"name": "badsetup", "image": BASE_IMAGE, "setup_commands": ["true", "echo broken >&2; exit 3"]},
+        {"name": "badsetup", "image": BASE_IMAGE, "setup_commands": ["true", "echo broken >&2; exit 3"], "wait": True},
     )
+    assert made["state"] == "failed", made
+    assert "setup_commands[1]" in made["state_detail"] and "code 3" in made["state_detail"], made
     containers = owned_containers()
     message = await expect_error(
-        mcp, "spawn_agent", {"environment": "badsetup", "prompt": "hi"}, "setup_commands[1]", "code 3", "broken"
+        mcp,
+        "spawn_agent",
+        {"environment": "badsetup", "prompt": "hi"},
+        "failed to prepare",
+        "setup_commands[1]",
+        "broken",
     )
     assert "ses_" not in message
     assert owned_containers() == containers
