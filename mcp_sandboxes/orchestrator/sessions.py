@@ -14,7 +14,7 @@ import anyio
 from mcp_sandboxes.backends.base import AgentSpec, Backend
 from mcp_sandboxes.backends.registry import backend_names, build_backend
 from mcp_sandboxes.config import Settings
-from mcp_sandboxes.egress.plan import EgressPlan
+from mcp_sandboxes.egress.plan import SANDBOX_EGRESS_DIR, SANDBOX_FORWARDER, EgressPlan
 from mcp_sandboxes.errors import ConflictError, InvalidInputError
 from mcp_sandboxes.events import (
     SandboxDestroyed,
@@ -63,6 +63,8 @@ DESTROY_TIMEOUT_S = 60.0
 KILL_TIMEOUT_S = 10.0
 # How long interrupt_session waits for the turn to end before it answers.
 INTERRUPT_ANSWER_WAIT_S = 1.0
+# Mounts that differ per session without changing what the CLI probe would find.
+EGRESS_TARGETS = frozenset({SANDBOX_EGRESS_DIR, SANDBOX_FORWARDER})
 # The tool Claude Code asks before a tool call its permission mode asks about (server "sandboxes").
 PERMISSION_PROMPT_TOOL = f"mcp__{SERVER_NAME}__approve_tool_use"
 
@@ -238,7 +240,8 @@ class SessionService:
             if env.provider in MOUNTING_PROVIDERS:
                 # The image runs the CLI (its own, or the host's mounted one), or the spawn says why.
                 # Once per image and CLI: the answer does not depend on the sandbox (an exec is ~0.1 s).
-                probed = (env.provider, spec.image, backend.name, tuple(m.source for m in spec.mounts))
+                cli_mounts = tuple(m.source for m in spec.mounts if m.target not in EGRESS_TARGETS)
+                probed = (env.provider, spec.image, backend.name, cli_mounts)
                 if probed not in self._clis_ok:
                     await check_cli(sandbox, backend, image=spec.image, user=spec.user)
                     self._clis_ok.add(probed)
