@@ -15,9 +15,10 @@ if ((${#need[@]})); then
 fi
 # containerd runs gVisor through the runc shim (Debian ships no containerd-shim-runsc-v1), which
 # passes no runsc flags; this wrapper adds the one network mode Debian's runsc starts with here
-# (see scripts/start-dockerd.sh and providers/containerd.py).
+# and lets sandboxes connect to bind-mounted host unix sockets (network "model"; see
+# scripts/start-dockerd.sh and providers/containerd.py).
 wrapper=/usr/local/libexec/mcp-sandboxes/runsc-containerd
-wanted=$'#!/bin/sh\nexec /usr/bin/runsc --network=host "$@"\n'
+wanted=$'#!/bin/sh\nexec /usr/bin/runsc --network=host --host-uds=open "$@"\n'
 if [[ "$(cat "$wrapper" 2>/dev/null; echo x)" != "${wanted}x" ]]; then
   mkdir -p "${wrapper%/*}"
   printf '%s' "$wanted" >"$wrapper.tmp" && chmod 0755 "$wrapper.tmp" && mv -f "$wrapper.tmp" "$wrapper"

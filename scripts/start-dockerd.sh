@@ -11,8 +11,10 @@ daemon_json=/etc/docker/daemon.json
 # with network enabled in root network namespace"), so gVisor uses the namespace's host stack
 # (--network=host): only lo with network none, the host's with network host. Shared file access,
 # so files put through the engine's archive API are seen inside (exclusive caches them stale).
-runsc_args='["--network=host", "--file-access=shared"]'
-has_runsc() { docker info --format '{{json .Runtimes.runsc}}' 2>/dev/null | grep -q -- '--file-access=shared'; }
+# --host-uds=open: a sandbox may connect to a host unix socket bind-mounted into it (network
+# "model" reaches its egress proxy that way; gVisor refuses with EPERM otherwise).
+runsc_args='["--network=host", "--file-access=shared", "--host-uds=open"]'
+has_runsc() { docker info --format '{{json .Runtimes.runsc}}' 2>/dev/null | grep -q -- '--host-uds=open'; }
 if command -v runsc >/dev/null 2>&1; then
   mkdir -p /etc/docker
   # Merge into an existing daemon.json rather than replace it. (Not `--add-runtime`: dockerd

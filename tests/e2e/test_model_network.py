@@ -253,3 +253,21 @@ async def test_an_agent_in_a_model_sandbox_cannot_widen_its_network(tmp_path: Pa
             names = [e["name"] for e in (await mcp.call("list_environments"))["environments"]]
             assert sorted(names) == ["m", "s"]
             await mcp.call("stop_session", {"session_id": parent["session"]["session_id"]})
+
+
+@pytest.mark.parametrize("hardening", [{"runtime": "runsc"}, {"read_only_root": True}], ids=["runsc", "read-only-root"])
+async def test_a_hardened_sandbox_reaches_its_model_through_the_proxy(
+    hardening: dict[str, Any], tmp_path: Path, claude_bin: Path
+) -> None:
+    """gVisor refuses host unix sockets unless runsc runs with --host-uds=open (the setup scripts
+    register it so); a read-only root still takes the egress mounts."""
+    script = Script()
+    script.on(user_contains="HARD", reply=Reply(tool_calls=[ToolCall("Bash", {"command": "echo hard-proof"})]))
+    script.on(tool_result_contains="hard-proof", reply=Reply(text="HARD-DONE"))
+    with ScriptedModelServer(script) as model:
+        async with mcp_server("stdio", server_environment(tmp_path / "data", model.url, claude_bin)) as mcp:
+            await mcp.call("create_environment", {"name": "hard", "image": BASE_IMAGE, **hardening})
+            done = await spawn(mcp, "hard", "HARD: prove it")
+            assert done["completed"] and done["final_message"] == "HARD-DONE", done
+            assert network_mode(done["session"]["sandbox_id"]) == "none"
+            await mcp.call("stop_session", {"session_id": done["session"]["session_id"]})
