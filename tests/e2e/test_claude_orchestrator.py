@@ -113,7 +113,7 @@ class Orchestration:
         return Reply(text=f"SCRIPT-LOST: no step for tool results {results!r:.800}")
 
     def create_environment(self) -> Reply:
-        arguments = {"name": ENVIRONMENT, "provider": "docker", "image": BASE_IMAGE, "network": "host"}
+        arguments = {"name": ENVIRONMENT, "provider": "docker", "image": BASE_IMAGE}  # network "model", the default
         return Reply(tool_calls=[ToolCall(f"{MCP}create_environment", arguments)])
 
     def wait_for(self, session_ids: list[str]) -> Reply:
