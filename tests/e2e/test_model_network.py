@@ -271,3 +271,30 @@ async def test_a_hardened_sandbox_reaches_its_model_through_the_proxy(
             assert done["completed"] and done["final_message"] == "HARD-DONE", done
             assert network_mode(done["session"]["sandbox_id"]) == "none"
             await mcp.call("stop_session", {"session_id": done["session"]["session_id"]})
+
+
+async def test_after_a_restart_the_proxy_serves_the_same_sandbox_and_reaches_the_new_agent_listener(
+    tmp_path: Path, claude_bin: Path
+) -> None:
+    """Sessions survive a restart: the socket is served again at the same place, and the agent's
+    callback URL (in its sandbox) reaches this server's agent listener on its new port."""
+    with ScriptedModelServer(Script()) as model:
+        env = server_environment(tmp_path / "data", model.url, claude_bin)
+        add_family_rules(model.script, "again")
+        model.script.on(user_contains="BEFORE", reply=Reply(text="BEFORE-DONE"))
+        async with mcp_server("stdio", env) as mcp:
+            await mcp.call("create_environment", {"name": "again", "image": BASE_IMAGE})
+            first = await spawn(mcp, "again", "BEFORE: say something", subagents=True)
+            assert first["final_message"] == "BEFORE-DONE", first
+        session_id = first["session"]["session_id"]
+        async with mcp_server("stdio", env) as mcp:
+            second = await mcp.call(
+                "send_message",
+                {"session_id": session_id, "text": "PARENT-TASK: delegate a greeting", "wait": True, "timeout_s": 240},
+            )
+            assert second["completed"] and second["final_message"] == "PARENT-DONE: my sub-agent said hello", second
+            children = [
+                s for s in (await mcp.call("list_sessions"))["sessions"] if s["parent_session_id"] == session_id
+            ]
+            assert len(children) == 1
+            await mcp.call("stop_session", {"session_id": session_id})
