@@ -63,6 +63,7 @@ from mcp_sandboxes.orchestrator.workspaces import (
     export_session,
     workspace_base,
 )
+from mcp_sandboxes.providers import ImageCommitter
 from mcp_sandboxes.providers.base import Mount, Sandbox
 from mcp_sandboxes.store import Database, EnvironmentRecord, EventRecord, SessionRecord
 from mcp_sandboxes.store.records import LIVE_STATUSES, SessionStatus, TurnRecord
@@ -336,7 +337,23 @@ class Orchestrator:
         await self.pool.drain(record.id)
         self.preparations.cancel(record.id)
         await self.db.delete_environment(record.id, purge=purge)
+        await self._remove_prepared_image(record)
         return view.model_copy(update={"state": "deleted", "state_detail": None, "live_sessions": 0, "warm_ready": 0})
+
+    async def _remove_prepared_image(self, record: EnvironmentRecord) -> None:
+        """A prepared image no remaining environment uses goes with the last one that did (images
+        are large; the same recipe is prepared again if it comes back)."""
+        image = record.prepared_image
+        if image is None or any(env.prepared_image == image for env in await self.db.list_environments()):
+            return
+        provider = await self.providers.get(record.provider)
+        if not isinstance(provider, ImageCommitter):
+            return
+        try:
+            if not await provider.remove_image(image):
+                logger.info("prepared image %s is still used by a container; it stays", image)
+        except McpSandboxesError as exc:
+            logger.warning("could not remove prepared image %s: %s", image, exc)
 
     # -- sessions ----------------------------------------------------------------------------
 

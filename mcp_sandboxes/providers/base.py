@@ -153,6 +153,10 @@ class ImageCommitter(Protocol):
         image keeps its base image's user. Returns the new image's id."""
         ...
 
+    async def remove_image(self, image: str) -> bool:
+        """Remove an image this server made; False when a container still uses it (it stays)."""
+        ...
+
 
 @runtime_checkable
 class ListsByLabel(Protocol):

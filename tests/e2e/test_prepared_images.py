@@ -154,3 +154,19 @@ async def _until_running(container: str) -> None:
 
 async def _exists(kind: str, name: str) -> bool:
     return (await anyio.run_process(["docker", kind, "inspect", name], check=False)).returncode == 0
+
+
+async def test_a_prepared_image_goes_with_the_last_environment_that_uses_it(tmp_path: Path) -> None:
+    recipe = [f"echo {uuid.uuid4().hex} > /opt/recipe-id"]
+    arguments = {"image": BASE_IMAGE, "network": "none", "setup_commands": recipe, "wait": True}
+    async with mcp_server("stdio", _environment(tmp_path)) as mcp:
+        first = await mcp.call("create_environment", {"name": "gc-a", **arguments})
+        image = first["prepared_image"]
+        try:
+            await mcp.call("create_environment", {"name": "gc-b", **arguments})
+            await mcp.call("delete_environment", {"environment": "gc-a"})
+            assert await _exists("image", image), "removed while gc-b still uses it"
+            await mcp.call("delete_environment", {"environment": "gc-b"})
+            assert not await _exists("image", image)
+        finally:
+            _remove_image(image)

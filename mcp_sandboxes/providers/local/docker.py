@@ -466,6 +466,25 @@ class DockerProvider(ProviderLifecycle):
             answer = await container.commit(repository=repository, tag=version, changes=changes, config={}, pause=True)
         return str(answer.get("Id") or answer.get("id") or "")
 
+    async def remove_image(self, image: str) -> bool:
+        found = await self.image_id(image)
+        if found is None:
+            return True
+        async with self.call(f"inspecting image {image}", API_TIMEOUT_S):
+            labels = ((await self.client().images.inspect(image)).get("Config") or {}).get("Labels") or {}
+        if labels.get(OWNER_LABEL) != "true":
+            raise InvalidInputError("image", f"{image!r} was not made by mcp-sandboxes; it is left alone")
+        async with self.call(f"removing image {image}", API_TIMEOUT_S):
+            try:
+                await self.client().images.delete(image)
+            except DockerError as exc:
+                if exc.status == 409:  # a container still uses it
+                    return False
+                if exc.status == 404:
+                    return True
+                raise
+        return True
+
     async def list_owned(self) -> list[str]:
         async with self.call("listing containers", API_TIMEOUT_S):
             containers = await self.client().containers.list(all=True, filters={"label": [OWNER_LABEL]})
