@@ -129,6 +129,7 @@ class Orchestrator:
             egress=self.egress,
         )
         self.sessions.pool = self.sweeper.pool = self.pool
+        self.sweeper.egress = self.egress
 
     # -- lifecycle -----------------------------------------------------------------------
 

@@ -239,6 +239,11 @@ class EgressService:
             named.unlink(missing_ok=True)
         await anyio.to_thread.run_sync(lambda: shutil.rmtree(directory, ignore_errors=True))
 
+    async def close_ended(self, live: set[str]) -> None:
+        """Close the egress of every served session not in `live` (ended without stop_session)."""
+        for session_id in [s for s in self._open if s not in live]:
+            await self.close(session_id)
+
     async def discard(self, key: str) -> None:
         """Remove sandbox `key`'s egress directory (a pooled sandbox that was never taken)."""
         directory = self._dir(key)

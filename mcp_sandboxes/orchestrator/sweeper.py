@@ -20,6 +20,7 @@ import anyio
 
 from mcp_sandboxes.config import Settings
 from mcp_sandboxes.errors import McpSandboxesError
+from mcp_sandboxes.orchestrator.egress import EgressService
 from mcp_sandboxes.orchestrator.providers import ProviderPool
 from mcp_sandboxes.orchestrator.sandboxes import INSTANCE_LABEL
 from mcp_sandboxes.orchestrator.subagents import Lineage
@@ -60,6 +61,8 @@ class Sweeper:
         self._workers = workers
         self._lineage = lineage
         self._sessions = sessions
+        # Set by the orchestrator: network "model" sockets of ended sessions are closed each pass.
+        self.egress: EgressService | None = None
         self.pool: WarmPool | None = None
 
     @property
@@ -150,6 +153,9 @@ class Sweeper:
             stopped.append(session.id)
         if self.pool is not None:
             await self.pool.trim()
+        if self.egress is not None:
+            # A session that failed (its sandbox removed behind our back) stops being served.
+            await self.egress.close_ended({s.id for s in await self._db.list_sessions(LIVE_STATUSES)})
         return stopped
 
     async def run(self) -> None:

@@ -112,3 +112,15 @@ async def test_a_forwarder_path_that_is_no_program_is_refused_by_name(tmp_path: 
     async with service(tmp_path / "data", MCP_SANDBOXES_EGRESS__FORWARDER_PATH=str(not_a_program)) as (egress, _):
         mounts = await egress.sandbox_mounts("ses_b")
         assert mounts[1].source == str(not_a_program) and os.access(mounts[1].source, os.X_OK)
+
+
+async def test_sessions_that_ended_without_a_stop_are_no_longer_served(tmp_path: Path) -> None:
+    async with service(tmp_path / "data") as (egress, _):
+        sockets = {}
+        for session_id in ("ses_live", "ses_failed"):
+            plan, _backend = egress.backend_for(session_id, "claude", [])
+            sockets[session_id] = socket_of((await egress.sandbox_mounts(session_id))[0].source)
+            await egress.open(session_id, session_id, plan, agent_endpoint=False)
+        await egress.close_ended({"ses_live"})
+        assert await anyio.Path(sockets["ses_live"]).is_socket()
+        assert not await anyio.Path(sockets["ses_failed"].parent).exists()
