@@ -108,7 +108,9 @@ async def _remove(path: Path) -> None:
 
 async def configured_forwarder(forwarder_path: str, cache_dir: Path) -> Path:
     """The forwarder to mount: `forwarder_path` (egress.forwarder_path) when set, checked to be
-    an executable file; else the one built from the shipped source into `cache_dir`."""
+    an executable file and copied into `cache_dir` (a server in a container mounts from its data
+    directory, a path the engine's host shares; the configured path may exist only in the
+    server's own filesystem); else the one built from the shipped source into `cache_dir`."""
     if not forwarder_path:
         return await forwarder_binary(cache_dir)
     path = await anyio.Path(forwarder_path).expanduser()
@@ -117,4 +119,16 @@ async def configured_forwarder(forwarder_path: str, cache_dir: Path) -> Path:
             f"egress.forwarder_path: {path} is not an executable file; build forward.c with"
             " `cc -static -Os -s` or leave it empty to have it built"
         )
-    return Path(path)
+    return await anyio.to_thread.run_sync(_copy_prebuilt, Path(path), cache_dir)
+
+
+def _copy_prebuilt(source: Path, cache_dir: Path) -> Path:
+    data = source.read_bytes()
+    make_private_dir(cache_dir)
+    target = cache_dir / f"forward-prebuilt-{hashlib.sha256(data).hexdigest()[:16]}"
+    if not target.exists():
+        partial = cache_dir / f".{target.name}.{uuid.uuid4().hex}"
+        partial.write_bytes(data)
+        partial.chmod(0o755)
+        partial.replace(target)
+    return target

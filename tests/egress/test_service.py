@@ -111,7 +111,10 @@ async def test_a_forwarder_path_that_is_no_program_is_refused_by_name(tmp_path: 
     not_a_program.chmod(0o755)
     async with service(tmp_path / "data", MCP_SANDBOXES_EGRESS__FORWARDER_PATH=str(not_a_program)) as (egress, _):
         mounts = await egress.sandbox_mounts("ses_b")
-        assert mounts[1].source == str(not_a_program) and os.access(mounts[1].source, os.X_OK)
+        # Copied into the data directory (the path an engine's host shares with a containerised server).
+        copied = Path(mounts[1].source)
+        assert copied.parent == tmp_path / "data" / "egress" / "bin" and os.access(copied, os.X_OK)
+        assert await anyio.Path(copied).read_text() == "nope"
 
 
 async def test_sessions_that_ended_without_a_stop_are_no_longer_served(tmp_path: Path) -> None:
