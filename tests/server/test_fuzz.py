@@ -246,13 +246,14 @@ def test_hostile_spawns_on_docker_leave_no_container(tmp_path: Path) -> None:
     ):
         fuzz = Fuzzed(portal, server)
         fuzz.with_docker = True
+        # Docker prepares the recipe once, in the background (a container of its own while it runs):
+        # waited for, so every spawn below meets an environment that failed to prepare (exit 3).
         portal.call(
             server.call,
             "create_environment",
-            {"name": "env", "env": {"FUZZ_MARK": MARK}, "setup_commands": ["exit 3"]},
+            {"name": "env", "env": {"FUZZ_MARK": MARK}, "setup_commands": ["exit 3"], "wait": True},
         )
         values = valid_values("ses_nope")["spawn_agent"]
-        # A spawn that gets past the schema fails in setup (exit 3) after its container exists.
         values["backend"] = st.just("custom")
 
         @settings(FUZZ, max_examples=30)
