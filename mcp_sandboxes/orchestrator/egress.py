@@ -124,6 +124,8 @@ class EgressService:
         self._agent_path = "/mcp"
         self._forwarder: Path | None = None
         self._lock = anyio.Lock()
+        # (method, target) pairs already reported per session.
+        self._refused_seen: dict[str, set[tuple[str, str]]] = {}
 
     # -- lifecycle (the orchestrator runs the proxy for as long as it runs) ------------------
 
@@ -133,6 +135,13 @@ class EgressService:
             self._open.clear()
 
     async def _on_refused(self, refused: RefusedRequest) -> None:
+        # One event per target and session: CLIs retry their vendor's telemetry and update checks
+        # (droid: eleven calls to api.factory.ai in one turn), which would drown the stream.
+        seen = self._refused_seen.setdefault(refused.session_id, set())
+        if (refused.method, refused.target) in seen:
+            logger.debug("refused again for %s: %s %s", refused.session_id, refused.method, refused.target)
+            return
+        seen.add((refused.method, refused.target))
         await self._emit(
             refused.session_id,
             [NetworkRefused(method=refused.method, target=refused.target, reason=refused.reason)],
@@ -226,6 +235,7 @@ class EgressService:
     async def close(self, session_id: str) -> None:
         """Stop serving the session's socket and remove its sandbox's directory (idempotent)."""
         egress = self._open.pop(session_id, None)
+        self._refused_seen.pop(session_id, None)
         named = self._dir(session_id)
         served = self._dir(egress.key if egress is not None else session_id) / SOCKET_NAME
         if self._proxy is not None:

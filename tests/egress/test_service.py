@@ -127,3 +127,13 @@ async def test_sessions_that_ended_without_a_stop_are_no_longer_served(tmp_path:
         await egress.close_ended({"ses_live"})
         assert await anyio.Path(sockets["ses_live"]).is_socket()
         assert not await anyio.Path(sockets["ses_failed"].parent).exists()
+
+
+async def test_a_target_refused_again_is_reported_once(tmp_path: Path) -> None:
+    async with service(tmp_path / "data") as (egress, refused):
+        plan, _backend = egress.backend_for("ses_r", "claude", [])
+        mounts = await egress.sandbox_mounts("ses_r")
+        await egress.open("ses_r", "ses_r", plan, agent_endpoint=False)
+        for target in ("telemetry.example:443", "telemetry.example:443", "other.example:443"):
+            assert await connect_status(socket_of(mounts[0].source), target) == 403
+        assert [event.target for _, event in refused] == ["telemetry.example:443", "other.example:443"]
