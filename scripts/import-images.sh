@@ -4,12 +4,11 @@
 #   Podman      docker save | podman load                      (named localhost/<name>)
 #   containerd  docker save | ctr -n mcp-sandboxes images import -   (dockerd's containerd,
 #               our own namespace; named docker.io/<name>)
-# Idempotent and stamped: an image is copied again only when its Docker image id changed
-# or the engine no longer has it. An engine that is not installed is skipped.
+# Idempotent: an image is copied again only when the engine lacks that Docker image id (Podman
+# keeps Docker's id; containerd is stamped, in a per-user state directory rather than the
+# checkout, since the engines' stores outlive any one clone). An engine not installed is skipped.
 set -euo pipefail
-root="$(cd "$(dirname "$0")/.." && pwd)"
-cache="${MCP_SANDBOXES_CACHE:-$root/.cache}"
-stamps="$cache/engine-images"
+stamps="${MCP_SANDBOXES_ENGINE_STAMPS:-${XDG_STATE_HOME:-$HOME/.local/state}/mcp-sandboxes/engine-images}"
 ctr_address="${MCP_SANDBOXES_CONTAINERD_ADDRESS:-/var/run/docker/containerd/containerd.sock}"
 ctr_namespace="${MCP_SANDBOXES_CONTAINERD_NAMESPACE:-mcp-sandboxes}"
 images=(mcp-sandboxes/busybox:latest mcp-sandboxes/base:latest mcp-sandboxes/agent:latest)
@@ -29,9 +28,8 @@ for image in "${images[@]}"; do
     || { echo "image $image is missing from Docker: run scripts/build-images.sh" >&2; exit 1; }
   key="$(echo "$image" | tr '/:' '__')"
   if ((use_podman)); then
-    if ! stamped "podman-$key" "$id" || ! podman image exists "$image"; then
+    if [[ "sha256:$(podman image inspect -f '{{.Id}}' "$image" 2>/dev/null)" != "$id" ]]; then
       docker save "$image" | podman load -q >/dev/null
-      echo "$id" >"$stamps/podman-$key"
       loaded_podman=1
       echo "podman: loaded $image"
     fi
