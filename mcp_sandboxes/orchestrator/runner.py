@@ -63,6 +63,8 @@ done
 exit 0
 """
 
+OOM_READ_RETRIES = 4
+OOM_READ_RETRY_S = 0.5
 # Prints the sandbox's cgroup count of out-of-memory kills (cgroup v2, then v1), or exits 1.
 OOM_KILLS_SCRIPT = r"""
 for f in /sys/fs/cgroup/memory.events /sys/fs/cgroup/memory/memory.oom_control; do
@@ -142,6 +144,13 @@ class OomWatch:
 
     async def killed_since(self, sandbox: Sandbox) -> bool:
         now = await read_oom_kills(sandbox)
+        for _ in range(OOM_READ_RETRIES):
+            if now is not None:
+                break
+            # Right after a kill the sandbox may still be at its memory limit, and the reading
+            # shell itself is refused or killed (seen in CI): ask again once memory is freed.
+            await anyio.sleep(OOM_READ_RETRY_S)
+            now = await read_oom_kills(sandbox)
         killed = now is not None and now > (self.seen or 0)
         if now is not None:
             self.seen = now
