@@ -467,11 +467,14 @@ class DockerProvider(ProviderLifecycle):
         return str(answer.get("Id") or answer.get("id") or "")
 
     async def remove_image(self, image: str) -> bool:
-        found = await self.image_id(image)
-        if found is None:
-            return True
         async with self.call(f"inspecting image {image}", API_TIMEOUT_S):
-            labels = ((await self.client().images.inspect(image)).get("Config") or {}).get("Labels") or {}
+            try:
+                found = await self.client().images.inspect(image)
+            except DockerError as exc:
+                if exc.status == 404:
+                    return True
+                raise
+        labels = (found.get("Config") or {}).get("Labels") or {}
         if labels.get(OWNER_LABEL) != "true":
             raise InvalidInputError("image", f"{image!r} was not made by mcp-sandboxes; it is left alone")
         async with self.call(f"removing image {image}", API_TIMEOUT_S):
